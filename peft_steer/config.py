@@ -1,0 +1,105 @@
+"""`SteeringConfig`: which decoder blocks get a steering vector, how strong, and from where."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import torch
+from peft.config import PeftConfig
+
+from .card import write_model_card
+
+STEERING = "STEERING"
+POSITIONS = ("all", "completion")
+INITS = ("zeros", "random")
+
+
+@dataclass
+class SteeringConfig(PeftConfig):
+    """Configuration of a steering adapter: one learned vector added to the output of each chosen decoder block.
+
+    The vector of block ``L`` is added to the residual stream after block ``L`` (0-indexed, Hugging Face's block
+    numbering), at every position chosen by ``positions``, times the adapter's multiplier: the sign of the
+    multiplier picks the direction of the behavior, its size the strength.
+
+    Args:
+        layers: Indices of the decoder blocks to steer; negative values count from the end (``-1`` is the last
+            block). Stored resolved (non-negative) once the adapter is attached to a model.
+        multiplier: Default strength of this adapter; ``steering(model, multiplier=...)`` changes it temporarily,
+            ``set_multiplier`` permanently (and it is saved).
+        init: ``"zeros"`` (the paper's BiPO start) or ``"random"`` (a Gaussian vector of expected norm 1).
+        init_vectors: Optional starting vectors, block index -> tensor of the model's hidden size (e.g. a CAA
+            vector). Not written to ``adapter_config.json``: the vectors are saved as weights.
+        positions: ``"all"`` steers every prompt, completion and generated token (the paper's setting).
+            ``"completion"`` steers the last prompt token and every token after it, i.e. exactly the positions
+            whose outputs predict the completion; ``generate`` finds each row's prompt from the attention mask
+            (left or right padding, with or without KV cache); a plain forward needs
+            ``peft_steer.prompt_lengths(model, lengths)``.
+        blocks_path: Dotted path of the decoder block list inside the transformers model (e.g. ``"model.layers"``).
+            Found automatically for Llama, Mistral, Qwen2, Gemma, Phi3, GPT-2, GPT-NeoX and most others; set it by
+            hand for a model where it is not found.
+        hidden_size: Hidden size of the model the adapter was made for. Filled in when the adapter is attached, and
+            checked when it is loaded onto a model.
+        num_blocks: Number of decoder blocks of that model. Filled in and checked the same way.
+    """
+
+    layers: list[int] = field(
+        default_factory=lambda: [15],
+        metadata={"help": "Decoder block indices to steer (0-indexed; negative counts from the end)."},
+    )
+    multiplier: float = field(default=1.0, metadata={"help": "Default strength; its sign is the direction."})
+    init: Literal["zeros", "random"] = field(default="zeros", metadata={"help": "'zeros' (paper) or 'random'."})
+    init_vectors: Optional[dict[int, torch.Tensor]] = field(
+        default=None, metadata={"help": "Starting vectors, block index -> tensor. Not saved in the config."}
+    )
+    positions: Literal["all", "completion"] = field(
+        default="all", metadata={"help": "'all' tokens (paper) or 'completion': last prompt token onwards."}
+    )
+    blocks_path: Optional[str] = field(
+        default=None, metadata={"help": "Dotted path of the decoder block list, when it is not found automatically."}
+    )
+    hidden_size: Optional[int] = field(default=None, metadata={"help": "Filled in when attached; checked on load."})
+    num_blocks: Optional[int] = field(default=None, metadata={"help": "Filled in when attached; checked on load."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Filled in with the resolved block paths; not meant to be set by hand."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = STEERING
+        if self.task_type is None:
+            self.task_type = "CAUSAL_LM"
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        self.layers = list(self.layers)
+        if not self.layers:
+            raise ValueError("SteeringConfig(layers=...) needs at least one decoder block index.")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+            raise TypeError(f"SteeringConfig(layers=...) must be block indices (ints), got {self.layers!r}.")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"SteeringConfig(layers=...) lists a block twice: {self.layers}.")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"SteeringConfig(positions={self.positions!r}): choose one of {POSITIONS}.")
+        if self.init not in INITS:
+            raise ValueError(f"SteeringConfig(init={self.init!r}): choose one of {INITS}, or pass init_vectors.")
+        if isinstance(self.multiplier, torch.Tensor) or not isinstance(self.multiplier, (int, float)):
+            raise TypeError(
+                "SteeringConfig(multiplier=...) must be a number; for one strength per batch row use "
+                "peft_steer.steering(model, multiplier=tensor)."
+            )
+        self.multiplier = float(self.multiplier)
+
+    def to_dict(self) -> dict:
+        # init_vectors are tensors (not JSON) and are saved as the adapter's weights anyway.
+        config = super().to_dict()
+        config["init_vectors"] = None
+        return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write ``adapter_config.json`` and the steering section of the folder's model card (``README.md``).
+
+        PEFT writes its model card before the configs and offers no other hook; the card therefore lives here.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card(save_directory, self)

@@ -1,0 +1,367 @@
+"""`SteeringModel`: the PEFT tuner that attaches steering vectors to the decoder blocks of any architecture."""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .blocks import find_block_list, hidden_size_of
+from .config import SteeringConfig
+from .layer import SteeringLayer
+
+VECTORS = "steering_vectors"  # attribute holding the vectors; carries the tuner prefix, as PEFT expects
+CHILD = "steer"  # name of the SteeringLayer child of a block; must not contain the prefix (PEFT skips those)
+
+
+def check_vector(vector: torch.Tensor, block: int, hidden_size: int, what: str) -> None:
+    """Raise a clear error for a vector that cannot steer block ``block`` of a model of width ``hidden_size``."""
+    if not isinstance(vector, torch.Tensor):
+        raise TypeError(f"{what}: the vector for block {block} must be a torch.Tensor, got {type(vector).__name__}.")
+    if vector.dim() != 1 or vector.shape[0] != hidden_size:
+        raise ValueError(
+            f"{what}: the vector for block {block} has shape {tuple(vector.shape)}; the model's hidden size is "
+            f"{hidden_size}, so it must have shape ({hidden_size},)."
+        )
+    if not torch.isfinite(vector).all():
+        raise ValueError(f"{what}: the vector for block {block} contains NaN or inf values.")
+
+
+class SteeringModel(BaseTuner):
+    """Adds one learned vector per chosen decoder block to that block's output (BiPO / CAA steering).
+
+    Created by ``get_peft_model(model, SteeringConfig(...))`` once ``peft_steer`` is imported. The model may be a
+    transformers model or a LoRA ``PeftModel``: then the steering sits on top of the LoRA, and disabling or
+    deleting steering leaves the LoRA alone.
+
+    State: ``steering_vectors[adapter][str(block)]`` holds the fp32 vectors; ``multipliers[adapter]`` the current
+    strength (a float, or a tensor with one value per batch row).
+    """
+
+    prefix: str = "steering_"
+    tuner_layer_cls = SteeringLayer
+    target_module_mapping: dict[str, list[str]] = {}  # blocks are found per model, not by module names
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: SteeringConfig | dict[str, SteeringConfig],
+        adapter_name: str,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        if isinstance(model, PeftModel):
+            # Steer the transformers model inside a LoRA PeftModel: its LoRA layers stay in place and active.
+            model = model.get_base_model()
+        if any(isinstance(module, SteeringLayer) for module in model.modules()):
+            raise ValueError(
+                "This model already has steering adapters; add another with model.add_adapter(name, SteeringConfig(...))."
+            )
+        # BaseTuner looks up `peft_config` through the wrapped model; a LoRA underneath keeps its own configs there,
+        # which BaseTuner would otherwise extend and then overwrite with ours.
+        lora_configs = model.__dict__.pop("peft_config", None)
+        try:
+            super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage, state_dict)
+        finally:
+            if lora_configs is not None:
+                model.peft_config = lora_configs
+
+    # ---- injection ---------------------------------------------------------------------------------------------
+
+    def _pre_injection_hook(self, model: nn.Module, config: SteeringConfig, adapter_name: str) -> None:
+        if VECTORS not in self._modules:
+            self.steering_vectors = nn.ModuleDict()
+            self.multipliers: dict[str, float | torch.Tensor] = {}
+            self._prompt_lengths: Optional[torch.Tensor] = None
+            self._column_offset = 0
+            self._columns_hook = model.register_forward_pre_hook(self._record_columns, with_kwargs=True)
+
+    def _prepare_adapter_config(self, config: SteeringConfig, model_config: dict) -> SteeringConfig:
+        # Every check runs before anything is changed, so a bad config leaves the model untouched.
+        model_name = type(self.model).__name__
+        path, blocks = find_block_list(self.model, config.blocks_path)
+        num_blocks, hidden_size = len(blocks), hidden_size_of(self.model)
+        if config.num_blocks is not None and config.num_blocks != num_blocks:
+            raise ValueError(
+                f"This steering adapter was made for a model with {config.num_blocks} decoder blocks; "
+                f"{model_name} has {num_blocks}. Load it onto the base model it was trained on."
+            )
+        if config.hidden_size is not None and config.hidden_size != hidden_size:
+            raise ValueError(
+                f"This steering adapter was made for hidden size {config.hidden_size}; {model_name} has "
+                f"{hidden_size}. Load it onto the base model it was trained on."
+            )
+        for index in config.layers:
+            if not -num_blocks <= index < num_blocks:
+                raise ValueError(
+                    f"SteeringConfig(layers={config.layers}): block {index} is out of range for {model_name}, which "
+                    f"has {num_blocks} decoder blocks (use 0..{num_blocks - 1}, or -{num_blocks}..-1 from the end)."
+                )
+        layers = [index % num_blocks for index in config.layers]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"SteeringConfig(layers={config.layers}) names the same block twice.")
+        init_vectors = dict(config.init_vectors or {})
+        for index, vector in init_vectors.items():
+            if index not in config.layers and index % num_blocks not in layers:
+                raise ValueError(
+                    f"SteeringConfig(init_vectors=...) has a vector for block {index}, which is not in layers={layers}."
+                )
+            check_vector(vector, index, hidden_size, "SteeringConfig(init_vectors=...)")
+
+        config.layers = layers
+        config.init_vectors = {index % num_blocks: vector for index, vector in init_vectors.items()} or None
+        config.hidden_size, config.num_blocks = hidden_size, num_blocks
+        config.target_modules = [f"{path}.{index}" for index in layers]
+        return config
+
+    def _check_target_module_exists(self, config: SteeringConfig, key: str) -> bool:
+        return key in config.target_modules
+
+    def _create_and_replace(
+        self,
+        config: SteeringConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        index = int(target_name)
+        device = next(target.parameters()).device
+        if config.init_vectors and index in config.init_vectors:
+            vector = config.init_vectors[index].detach().to(device, torch.float32).clone()
+        elif config.init == "random":
+            vector = torch.randn(config.hidden_size, device=device) / math.sqrt(config.hidden_size)
+        else:
+            vector = torch.zeros(config.hidden_size, device=device)
+        if adapter_name not in self.steering_vectors:
+            self.steering_vectors[adapter_name] = nn.ParameterDict()
+        self.steering_vectors[adapter_name][str(index)] = nn.Parameter(vector)
+        self.multipliers.setdefault(adapter_name, config.multiplier)
+        if not isinstance(getattr(target, CHILD, None), SteeringLayer):
+            layer = SteeringLayer(target, index, self)
+            layer.set_adapter(self.active_adapters)
+            target.add_module(CHILD, layer)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for parameter in model.parameters():
+            parameter.requires_grad = False
+        self._set_vector_grads(self.active_adapters, trainable=True)
+
+    def _set_vector_grads(self, adapter_names: Sequence[str], trainable: bool) -> None:
+        for name, vectors in self.steering_vectors.items():
+            wanted = trainable and name in adapter_names and not self.peft_config[name].inference_mode
+            for vector in vectors.values():
+                vector.requires_grad_(wanted)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # Vectors stay float32 even on bf16 / quantized models: bf16 loses small updates (10 + 1e-2 == 10).
+        vectors = self.steering_vectors[adapter_name] if adapter_name in self.steering_vectors else {}
+        for key, vector in list(vectors.items()):
+            if vector.dtype != torch.float32:
+                vectors[key] = nn.Parameter(vector.detach().float(), requires_grad=vector.requires_grad)
+
+    # ---- the layers of this tuner only (a LoRA underneath has its own) -----------------------------------------
+
+    def steering_layers(self) -> list[SteeringLayer]:
+        return [module for module in self.model.modules() if isinstance(module, SteeringLayer)]
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        for layer in self.steering_layers():
+            layer.enable_adapters(enabled)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several at once (a list): their vectors are summed."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [name for name in names if name not in self.peft_config]
+        if missing:
+            raise ValueError(f"No steering adapter named {missing}; the adapters are {sorted(self.peft_config)}.")
+        for layer in self.steering_layers():
+            layer.set_adapter(names)
+        self.active_adapter = adapter_name
+        for name in names:
+            self.peft_config[name].inference_mode = inference_mode
+        self._set_vector_grads(names, trainable=True)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No steering adapter named {adapter_name!r}; the adapters are {sorted(self.peft_config)}.")
+        del self.peft_config[adapter_name]
+        del self.steering_vectors[adapter_name]
+        self.multipliers.pop(adapter_name, None)
+        remaining = [name for name in self.active_adapters if name != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [sorted(self.peft_config)[0]]
+        for layer in self.steering_layers():
+            layer.set_adapter(remaining)
+        self.active_adapter = remaining
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        if merge:
+            raise NotImplementedError(
+                "merge_and_unload() of a steering adapter is not available yet; use unload() to get the base model "
+                "back, or keep the adapter attached."
+            )
+        for block in list(self.model.modules()):
+            layer = getattr(block, CHILD, None)
+            if isinstance(layer, SteeringLayer):
+                layer.remove()
+                delattr(block, CHILD)
+        self._columns_hook.remove()
+        if self.model.__dict__.get("peft_config") is self.peft_config:
+            del self.model.peft_config
+        return self.model
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        raise NotImplementedError("A steering vector is not merged in place; keep the adapter attached.")
+
+    # ---- save / load -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: SteeringConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        # Only this tuner's own vectors: never the weights of a LoRA in the same tree.
+        prefix = f"{_tuner_path(model)}{VECTORS}.{adapter_name}."
+        return {key: value for key, value in state_dict.items() if key.startswith(prefix)}
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SteeringConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefix = f"{_tuner_path(model)}{VECTORS}.{adapter_name}."
+        loaded = {int(key[len(prefix) :]): value for key, value in remapped.items() if key.startswith(prefix)}
+        others = sorted(key for key in remapped if not key.startswith(prefix))
+        if others:
+            raise ValueError(f"The steering checkpoint holds entries that are not steering vectors: {others[:5]}.")
+        if sorted(loaded) != sorted(config.layers):
+            raise ValueError(
+                f"The steering checkpoint has vectors for blocks {sorted(loaded)}, but its adapter_config.json "
+                f"lists layers {sorted(config.layers)}."
+            )
+        for block, vector in loaded.items():
+            check_vector(vector, block, config.hidden_size, "Loading the steering checkpoint")
+        return remapped
+
+    # ---- the vectors -------------------------------------------------------------------------------------------
+
+    def vectors_of(self, adapter_name: str) -> nn.ParameterDict:
+        if adapter_name not in self.steering_vectors:
+            raise ValueError(
+                f"No steering adapter named {adapter_name!r}; the adapters are {sorted(self.steering_vectors)}."
+            )
+        return self.steering_vectors[adapter_name]
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Vector arithmetic: a new adapter whose vector at each block is ``sum_i weights[i] * v_i``.
+
+        The weights multiply the adapters' raw vectors (their multipliers are not applied); a block that one adapter
+        does not steer counts as a zero vector there. The new adapter is added inactive, like LoRA's.
+        """
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"add_weighted_adapter needs one weight per adapter, got {adapters} and {weights}.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; choose another adapter_name.")
+        sources = [self.vectors_of(name) for name in adapters]
+        positions = {self.peft_config[name].positions for name in adapters}
+        if len(positions) > 1:
+            raise ValueError(f"add_weighted_adapter cannot combine adapters with different positions: {positions}.")
+        blocks = sorted({int(block) for vectors in sources for block in vectors})
+        combined = {}
+        for block in blocks:
+            total = torch.zeros_like(next(iter(sources[0].values())).detach())
+            for weight, vectors in zip(weights, sources):
+                if str(block) in vectors:
+                    total = total + weight * vectors[str(block)].detach().to(total.device)
+            check_vector(total, block, self.peft_config[adapters[0]].hidden_size, "add_weighted_adapter")
+            combined[block] = total
+        config = copy.deepcopy(self.peft_config[adapters[0]])
+        config.layers, config.multiplier, config.init, config.init_vectors = blocks, 1.0, "zeros", combined
+        config.target_modules = None
+        self.peft_config[adapter_name] = config
+        self.inject_adapter(self.model, adapter_name)
+
+    # ---- positions: where each prompt ends -----------------------------------------------------------------------
+
+    @contextmanager
+    def prompt_lengths(self, lengths: torch.Tensor) -> Iterator[None]:
+        """Within the block, steer with ``positions='completion'`` from column ``lengths[row] - 1`` onwards."""
+        lengths = torch.as_tensor(lengths)
+        if lengths.dim() != 1:
+            raise ValueError(f"prompt lengths must be a 1-D tensor with one length per row, got {tuple(lengths.shape)}.")
+        previous, self._prompt_lengths = self._prompt_lengths, lengths
+        try:
+            yield
+        finally:
+            self._prompt_lengths = previous
+
+    def completion_mask(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] float mask of the positions steered under ``positions='completion'``."""
+        if self._prompt_lengths is None:
+            raise ValueError(
+                "SteeringConfig(positions='completion') needs to know where each prompt ends: call generate(), or run "
+                "the forward inside peft_steer.prompt_lengths(model, lengths)."
+            )
+        lengths = self._prompt_lengths.to(hidden.device)
+        if lengths.shape[0] != hidden.shape[0]:
+            raise ValueError(
+                f"{lengths.shape[0]} prompt lengths were given but the batch has {hidden.shape[0]} rows."
+            )
+        columns = self._column_offset + torch.arange(hidden.shape[1], device=hidden.device)
+        return (columns[None, :] >= lengths[:, None] - 1).float()
+
+    def _record_columns(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # The column (in the padded sequence) of this call's first token: 0 for a full forward, the cache length
+        # for a KV-cached generation step.
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+        if tokens is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            self._column_offset = mask.shape[1] - tokens.shape[1]
+        elif cache is not None and hasattr(cache, "get_seq_length"):
+            self._column_offset = int(cache.get_seq_length())
+        else:
+            self._column_offset = 0
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``generate`` with each row's prompt end taken from the attention mask (left or right padding)."""
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if tokens is None:
+            return self.model.generate(*args, **kwargs)
+        if mask is None:
+            lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
+        else:
+            columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+            lengths = (columns * (mask > 0)).max(dim=1).values  # one past each row's last real prompt token
+        with self.prompt_lengths(lengths):
+            return self.model.generate(*args, **kwargs)
+
+
+def _tuner_path(model: nn.Module) -> str:
+    """State-dict prefix of the SteeringModel inside ``model`` ('base_model.' in a PeftModel)."""
+    for name, module in model.named_modules():
+        if isinstance(module, SteeringModel):
+            return f"{name}." if name else ""
+    raise ValueError("No steering adapter found in this model.")
+

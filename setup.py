@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="peft-steer",
+    version="0.1.0",
+    description="BiPO steering vectors as a native PEFT adapter type, trained with a TRL trainer.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["peft_steer", "peft_steer.*", "trl_integration", "trl_integration.*"]),
+    include_package_data=True,
+    package_data={"peft_steer": ["datasets/*/*.csv", "datasets/LICENSE"]},
+    # Lower bounds are the versions this was tested with.
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0",
+        "peft>=0.21",
+        "trl>=1.16",
+        "accelerate>=1.15",
+        "datasets>=5.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.21",
+        "huggingface_hub>=1.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.6"],
+        "plotting": ["matplotlib>=3.8"],
+        "bitsandbytes": ["bitsandbytes>=0.45"],
+        "gguf": ["gguf>=0.10"],
+    },
+    entry_points={"console_scripts": ["peft-steer=trl_integration.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
+)
