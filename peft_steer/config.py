@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
 from peft.config import PeftConfig
@@ -50,26 +50,27 @@ class SteeringConfig(PeftConfig):
     )
     multiplier: float = field(default=1.0, metadata={"help": "Default strength; its sign is the direction."})
     init: Literal["zeros", "random"] = field(default="zeros", metadata={"help": "'zeros' (paper) or 'random'."})
-    init_vectors: Optional[dict[int, torch.Tensor]] = field(
+    init_vectors: dict[int, torch.Tensor] | None = field(
         default=None, metadata={"help": "Starting vectors, block index -> tensor. Not saved in the config."}
     )
     positions: Literal["all", "completion"] = field(
         default="all", metadata={"help": "'all' tokens (paper) or 'completion': last prompt token onwards."}
     )
-    blocks_path: Optional[str] = field(
+    blocks_path: str | None = field(
         default=None, metadata={"help": "Dotted path of the decoder block list, when it is not found automatically."}
     )
-    hidden_size: Optional[int] = field(default=None, metadata={"help": "Filled in when attached; checked on load."})
-    num_blocks: Optional[int] = field(default=None, metadata={"help": "Filled in when attached; checked on load."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    hidden_size: int | None = field(default=None, metadata={"help": "Filled in when attached; checked on load."})
+    num_blocks: int | None = field(default=None, metadata={"help": "Filled in when attached; checked on load."})
+    task_type: str | None = field(
+        default="CAUSAL_LM", metadata={"help": "PEFT task type; None for a model that is not a causal LM."}
+    )
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Filled in with the resolved block paths; not meant to be set by hand."}
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = STEERING
-        if self.task_type is None:
-            self.task_type = "CAUSAL_LM"
         if isinstance(self.layers, int):
             self.layers = [self.layers]
         self.layers = list(self.layers)

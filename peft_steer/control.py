@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from .model import SteeringModel, check_vector
 
-Multiplier = Union[float, torch.Tensor]
+Multiplier = float | torch.Tensor
 
 
 def steering_model(model: nn.Module) -> SteeringModel:
@@ -26,7 +26,7 @@ def steering_model(model: nn.Module) -> SteeringModel:
     )
 
 
-def _adapter_names(tuner: SteeringModel, adapter_name: Optional[str]) -> list[str]:
+def _adapter_names(tuner: SteeringModel, adapter_name: str | None) -> list[str]:
     if adapter_name is None:
         return list(tuner.active_adapters)
     if adapter_name not in tuner.peft_config:
@@ -51,7 +51,7 @@ def _checked_multiplier(value: Multiplier) -> Multiplier:
 
 
 @contextmanager
-def steering(model: nn.Module, multiplier: Multiplier = 1.0, adapter_name: Optional[str] = None) -> Iterator[None]:
+def steering(model: nn.Module, multiplier: Multiplier = 1.0, adapter_name: str | None = None) -> Iterator[None]:
     """Steer with ``multiplier`` inside the block, then restore the previous strength.
 
     Args:
@@ -76,7 +76,7 @@ def steering(model: nn.Module, multiplier: Multiplier = 1.0, adapter_name: Optio
         tuner.multipliers.update(saved)
 
 
-def set_multiplier(model: nn.Module, value: Multiplier, adapter_name: Optional[str] = None) -> None:
+def set_multiplier(model: nn.Module, value: Multiplier, adapter_name: str | None = None) -> None:
     """Set the strength of an adapter (``None``: every active one) until changed again.
 
     A float also becomes the adapter's saved default (``SteeringConfig.multiplier``); a per-row tensor applies at

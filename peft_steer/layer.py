@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -44,7 +44,7 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
     def _all_available_adapter_names(self) -> list[str]:
         return sorted(self._get_available_adapters())
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(
             "A steering vector is not merged into the weights in place; use merge_and_unload() on an architecture "
             "with an output bias, or keep the adapter."
@@ -53,14 +53,14 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         return None
 
-    def delta(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+    def delta(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """``sum_a m_a * v_a`` over the active adapters that steer this block, shaped to add to ``hidden``.
 
         Computed in float32 (the vectors stay fp32 whatever the model dtype) and cast to the activation's dtype
         and device only for the addition.
         """
         tuner = self._tuner
-        total: Optional[torch.Tensor] = None
+        total: torch.Tensor | None = None
         for name in self.active_adapters:
             vectors = tuner.steering_vectors[name] if name in tuner.steering_vectors else None
             if vectors is None or str(self.block_index) not in vectors:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -54,14 +55,15 @@ class SteeringModel(BaseTuner):
         peft_config: SteeringConfig | dict[str, SteeringConfig],
         adapter_name: str,
         low_cpu_mem_usage: bool = False,
-        state_dict: Optional[dict[str, torch.Tensor]] = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         if isinstance(model, PeftModel):
             # Steer the transformers model inside a LoRA PeftModel: its LoRA layers stay in place and active.
             model = model.get_base_model()
         if any(isinstance(module, SteeringLayer) for module in model.modules()):
             raise ValueError(
-                "This model already has steering adapters; add another with model.add_adapter(name, SteeringConfig(...))."
+                "This model already has steering adapters; add another with "
+                "model.add_adapter(name, SteeringConfig(...))."
             )
         # BaseTuner looks up `peft_config` through the wrapped model; a LoRA underneath keeps its own configs there,
         # which BaseTuner would otherwise extend and then overwrite with ours.
@@ -78,7 +80,7 @@ class SteeringModel(BaseTuner):
         if VECTORS not in self._modules:
             self.steering_vectors = nn.ModuleDict()
             self.multipliers: dict[str, float | torch.Tensor] = {}
-            self._prompt_lengths: Optional[torch.Tensor] = None
+            self._prompt_lengths: torch.Tensor | None = None
             self._column_offset = 0
             self._columns_hook = model.register_forward_pre_hook(self._record_columns, with_kwargs=True)
 
@@ -192,7 +194,9 @@ class SteeringModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise ValueError(f"No steering adapter named {adapter_name!r}; the adapters are {sorted(self.peft_config)}.")
+            raise ValueError(
+                f"No steering adapter named {adapter_name!r}; the adapters are {sorted(self.peft_config)}."
+            )
         del self.peft_config[adapter_name]
         del self.steering_vectors[adapter_name]
         self.multipliers.pop(adapter_name, None)
@@ -208,7 +212,7 @@ class SteeringModel(BaseTuner):
         merge: bool = True,
         progressbar: bool = False,
         safe_merge: bool = False,
-        adapter_names: Optional[list[str]] = None,
+        adapter_names: list[str] | None = None,
     ) -> nn.Module:
         if merge:
             raise NotImplementedError(
@@ -225,7 +229,7 @@ class SteeringModel(BaseTuner):
             del self.model.peft_config
         return self.model
 
-    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         raise NotImplementedError("A steering vector is not merged in place; keep the adapter attached.")
 
     # ---- save / load -------------------------------------------------------------------------------------------
@@ -307,7 +311,9 @@ class SteeringModel(BaseTuner):
         """Within the block, steer with ``positions='completion'`` from column ``lengths[row] - 1`` onwards."""
         lengths = torch.as_tensor(lengths)
         if lengths.dim() != 1:
-            raise ValueError(f"prompt lengths must be a 1-D tensor with one length per row, got {tuple(lengths.shape)}.")
+            raise ValueError(
+                f"prompt lengths must be a 1-D tensor with one length per row, got {tuple(lengths.shape)}."
+            )
         previous, self._prompt_lengths = self._prompt_lengths, lengths
         try:
             yield
@@ -323,9 +329,7 @@ class SteeringModel(BaseTuner):
             )
         lengths = self._prompt_lengths.to(hidden.device)
         if lengths.shape[0] != hidden.shape[0]:
-            raise ValueError(
-                f"{lengths.shape[0]} prompt lengths were given but the batch has {hidden.shape[0]} rows."
-            )
+            raise ValueError(f"{lengths.shape[0]} prompt lengths were given but the batch has {hidden.shape[0]} rows.")
         columns = self._column_offset + torch.arange(hidden.shape[1], device=hidden.device)
         return (columns[None, :] >= lengths[:, None] - 1).float()
 
@@ -364,4 +368,3 @@ def _tuner_path(model: nn.Module) -> str:
         if isinstance(module, SteeringModel):
             return f"{name}." if name else ""
     raise ValueError("No steering adapter found in this model.")
-
