@@ -55,8 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except CommandError as error:
+    except (CommandError, FileNotFoundError, ValueError) as error:
         print(f"peft-steer {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyError as error:
+        if not peft_steer.is_missing_registration(error):
+            raise
+        print(f"peft-steer {args.command}: error: {peft_steer.MISSING_REGISTRATION}", file=sys.stderr)
         return 2
     return 0
 
