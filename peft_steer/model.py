@@ -16,6 +16,7 @@ from torch import nn
 from .blocks import find_block_list, hidden_size_of
 from .config import SteeringConfig
 from .layer import SteeringLayer
+from .merge import fold_into_biases
 
 VECTORS = "steering_vectors"  # attribute holding the vectors; carries the tuner prefix, as PEFT expects
 CHILD = "steer"  # name of the SteeringLayer child of a block; must not contain the prefix (PEFT skips those)
@@ -32,6 +33,49 @@ def check_vector(vector: torch.Tensor, block: int, hidden_size: int, what: str) 
         )
     if not torch.isfinite(vector).all():
         raise ValueError(f"{what}: the vector for block {block} contains NaN or inf values.")
+
+
+def resolve_config(model: nn.Module, config: SteeringConfig) -> SteeringConfig:
+    """Check ``config`` against ``model`` and fill in the resolved blocks, hidden size and block count.
+
+    Every check runs before anything is changed, so a bad config leaves the model and the config untouched.
+    Works on a model on the ``meta`` device too (only its structure and config are read).
+    """
+    model_name = type(model).__name__
+    path, blocks = find_block_list(model, config.blocks_path)
+    num_blocks, hidden_size = len(blocks), hidden_size_of(model)
+    if config.num_blocks is not None and config.num_blocks != num_blocks:
+        raise ValueError(
+            f"This steering adapter was made for a model with {config.num_blocks} decoder blocks; "
+            f"{model_name} has {num_blocks}. Load it onto the base model it was trained on."
+        )
+    if config.hidden_size is not None and config.hidden_size != hidden_size:
+        raise ValueError(
+            f"This steering adapter was made for hidden size {config.hidden_size}; {model_name} has "
+            f"{hidden_size}. Load it onto the base model it was trained on."
+        )
+    for index in config.layers:
+        if not -num_blocks <= index < num_blocks:
+            raise ValueError(
+                f"SteeringConfig(layers={config.layers}): block {index} is out of range for {model_name}, which "
+                f"has {num_blocks} decoder blocks (use 0..{num_blocks - 1}, or -{num_blocks}..-1 from the end)."
+            )
+    layers = [index % num_blocks for index in config.layers]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"SteeringConfig(layers={config.layers}) names the same block twice.")
+    init_vectors = dict(config.init_vectors or {})
+    for index, vector in init_vectors.items():
+        if index not in config.layers and index % num_blocks not in layers:
+            raise ValueError(
+                f"SteeringConfig(init_vectors=...) has a vector for block {index}, which is not in layers={layers}."
+            )
+        check_vector(vector, index, hidden_size, "SteeringConfig(init_vectors=...)")
+
+    config.layers = layers
+    config.init_vectors = {index % num_blocks: vector for index, vector in init_vectors.items()} or None
+    config.hidden_size, config.num_blocks = hidden_size, num_blocks
+    config.target_modules = [f"{path}.{index}" for index in layers]
+    return config
 
 
 class SteeringModel(BaseTuner):
@@ -85,42 +129,7 @@ class SteeringModel(BaseTuner):
             self._columns_hook = model.register_forward_pre_hook(self._record_columns, with_kwargs=True)
 
     def _prepare_adapter_config(self, config: SteeringConfig, model_config: dict) -> SteeringConfig:
-        # Every check runs before anything is changed, so a bad config leaves the model untouched.
-        model_name = type(self.model).__name__
-        path, blocks = find_block_list(self.model, config.blocks_path)
-        num_blocks, hidden_size = len(blocks), hidden_size_of(self.model)
-        if config.num_blocks is not None and config.num_blocks != num_blocks:
-            raise ValueError(
-                f"This steering adapter was made for a model with {config.num_blocks} decoder blocks; "
-                f"{model_name} has {num_blocks}. Load it onto the base model it was trained on."
-            )
-        if config.hidden_size is not None and config.hidden_size != hidden_size:
-            raise ValueError(
-                f"This steering adapter was made for hidden size {config.hidden_size}; {model_name} has "
-                f"{hidden_size}. Load it onto the base model it was trained on."
-            )
-        for index in config.layers:
-            if not -num_blocks <= index < num_blocks:
-                raise ValueError(
-                    f"SteeringConfig(layers={config.layers}): block {index} is out of range for {model_name}, which "
-                    f"has {num_blocks} decoder blocks (use 0..{num_blocks - 1}, or -{num_blocks}..-1 from the end)."
-                )
-        layers = [index % num_blocks for index in config.layers]
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"SteeringConfig(layers={config.layers}) names the same block twice.")
-        init_vectors = dict(config.init_vectors or {})
-        for index, vector in init_vectors.items():
-            if index not in config.layers and index % num_blocks not in layers:
-                raise ValueError(
-                    f"SteeringConfig(init_vectors=...) has a vector for block {index}, which is not in layers={layers}."
-                )
-            check_vector(vector, index, hidden_size, "SteeringConfig(init_vectors=...)")
-
-        config.layers = layers
-        config.init_vectors = {index % num_blocks: vector for index, vector in init_vectors.items()} or None
-        config.hidden_size, config.num_blocks = hidden_size, num_blocks
-        config.target_modules = [f"{path}.{index}" for index in layers]
-        return config
+        return resolve_config(self.model, config)
 
     def _check_target_module_exists(self, config: SteeringConfig, key: str) -> bool:
         return key in config.target_modules
@@ -215,10 +224,7 @@ class SteeringModel(BaseTuner):
         adapter_names: list[str] | None = None,
     ) -> nn.Module:
         if merge:
-            raise NotImplementedError(
-                "merge_and_unload() of a steering adapter is not available yet; use unload() to get the base model "
-                "back, or keep the adapter attached."
-            )
+            self._merge_into_biases(adapter_names)
         for block in list(self.model.modules()):
             layer = getattr(block, CHILD, None)
             if isinstance(layer, SteeringLayer):
@@ -228,6 +234,25 @@ class SteeringModel(BaseTuner):
         if self.model.__dict__.get("peft_config") is self.peft_config:
             del self.model.peft_config
         return self.model
+
+    def _merge_into_biases(self, adapter_names: list[str] | None) -> None:
+        """Fold ``multiplier * v`` of the given (default: active) adapters into their blocks' output biases."""
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        deltas: dict[int, torch.Tensor] = {}
+        for name in names:
+            config, multiplier = self.peft_config[name], self.multipliers[name]
+            if config.positions != "all":
+                raise ValueError(
+                    f"merge_and_unload(): adapter {name!r} steers positions={config.positions!r}; a bias "
+                    "steers every position, so only positions='all' can be merged."
+                )
+            if not isinstance(multiplier, float):
+                raise ValueError(f"merge_and_unload(): adapter {name!r} has a per-row multiplier; set a float first.")
+            for block, vector in self.vectors_of(name).items():
+                delta = multiplier * vector.detach()
+                deltas[int(block)] = deltas[int(block)] + delta if int(block) in deltas else delta
+        blocks_path, _ = find_block_list(self.model, self.peft_config[names[0]].blocks_path) if names else ("", None)
+        fold_into_biases(self.model, blocks_path, deltas)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         raise NotImplementedError("A steering vector is not merged in place; keep the adapter attached.")

@@ -131,8 +131,3 @@ def test_delete_adapter_and_unload(input_ids):
     assert not any(isinstance(m, SteeringLayer) for m in inner.modules())
     assert torch.equal(logits(inner, input_ids), base_logits)
     assert set(inner.state_dict()) == set(make_model().state_dict())
-
-
-def test_merge_is_refused_with_an_explanation():
-    with pytest.raises(NotImplementedError, match="unload"):
-        make().merge_and_unload()
