@@ -360,7 +360,9 @@ class SteeringModel(BaseTuner):
 
     def _record_columns(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # The column (in the padded sequence) of this call's first token: 0 for a full forward, the cache length
-        # for a KV-cached generation step.
+        # for a KV-cached generation step. Only positions='completion' needs it.
+        if not any(config.positions == "completion" for config in self.peft_config.values()):
+            return
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
