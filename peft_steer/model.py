@@ -65,7 +65,7 @@ def resolve_config(model: nn.Module, config: SteeringConfig) -> SteeringConfig:
         raise ValueError(f"SteeringConfig(layers={config.layers}) names the same block twice.")
     init_vectors = dict(config.init_vectors or {})
     for index, vector in init_vectors.items():
-        if index not in config.layers and index % num_blocks not in layers:
+        if not (-num_blocks <= index < num_blocks and index % num_blocks in layers):
             raise ValueError(
                 f"SteeringConfig(init_vectors=...) has a vector for block {index}, which is not in layers={layers}."
             )
@@ -126,7 +126,10 @@ class SteeringModel(BaseTuner):
             self.multipliers: dict[str, float | torch.Tensor] = {}
             self._prompt_lengths: torch.Tensor | None = None
             self._column_offset = 0
-            self._columns_hook = model.register_forward_pre_hook(self._record_columns, with_kwargs=True)
+
+    def _post_injection_hook(self, model: nn.Module, config: SteeringConfig, adapter_name: str) -> None:
+        # Registered only once injection succeeded: a bad config must leave the user's model untouched.
+        self._columns_hook = model.register_forward_pre_hook(self._record_columns, with_kwargs=True)
 
     def _prepare_adapter_config(self, config: SteeringConfig, model_config: dict) -> SteeringConfig:
         return resolve_config(self.model, config)

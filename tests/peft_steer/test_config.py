@@ -46,6 +46,7 @@ def test_block_out_of_range_changes_nothing(layers):
         get_peft_model(base, SteeringConfig(layers=layers))
     assert not any(isinstance(module, SteeringLayer) for module in base.modules())
     assert not hasattr(base, "peft_config")
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in base.modules())
 
 
 def test_init_vectors_are_checked_and_used():
@@ -54,6 +55,7 @@ def test_init_vectors_are_checked_and_used():
     assert torch.equal(model.base_model.steering_vectors["default"]["3"], given)
     for bad, message in [
         ({2: given}, "block 2, which is not in layers"),
+        ({7: given}, "block 7, which is not in layers"),
         ({3: torch.zeros(31)}, "has shape \\(31,\\); the model's hidden size is 32"),
         ({3: torch.tensor([float("inf")] * 32)}, "NaN or inf"),
     ]:
