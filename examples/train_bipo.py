@@ -1,0 +1,93 @@
+"""Train a BiPO steering vector on one of the paper's behaviors with the Python API, then measure it.
+
+    python examples/train_bipo.py --model meta-llama/Llama-2-7b-chat-hf --behavior power-seeking
+    python examples/train_bipo.py --model mistralai/Mistral-7B-Instruct-v0.2 --behavior wealth-seeking
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_bipo.py --model ... --batch-size 2
+
+Defaults are the paper's: block 15 and 20 epochs for Llama-2-7b-chat, block 13 and 5 epochs for
+Mistral-7B-Instruct-v0.2, beta 0.1, AdamW lr 5e-4, weight decay 0.05, cosine schedule with 100 warm-up steps,
+batch 4, fp32. After training, the answer preference on the behavior's test split (mean of
+sigmoid(log p(matching) - log p(not_matching))) is printed at multipliers -1, 0 and +1.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from peft_steer import SteeringConfig
+from peft_steer.data import BEHAVIORS, PairFormatter, load_behavior, read_behavior_rows
+from peft_steer.evaluate import answer_preference
+from trl_integration import SteerConfig, SteerTrainer
+from trl_integration.train_command import DEFAULT_EPOCHS, paper_preset
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="Hub id or local folder of the chat model.")
+    parser.add_argument("--behavior", choices=BEHAVIORS, default="power-seeking")
+    parser.add_argument("--layer", type=int, help="Block to steer (default: the paper's for the model).")
+    parser.add_argument("--epochs", type=float, help="Epochs (default: the paper's for the model).")
+    parser.add_argument("--max-steps", type=int, default=-1, help="Stop early, e.g. for a smoke test.")
+    parser.add_argument("--batch-size", type=int, default=4, help="Pairs per device (paper: 4 in all).")
+    parser.add_argument("--output-dir", help="Default: bipo-<behavior>-L<layer>.")
+    parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA-style 4-bit base (bitsandbytes).")
+    parser.add_argument("--bf16", action="store_true", help="Load the model in bf16 (the vector stays fp32).")
+    parser.add_argument("--eval-pairs", type=int, default=50, help="Test pairs to score after training (0: none).")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    preset = paper_preset(args.model) or {}
+    layer = args.layer if args.layer is not None else preset.get("layer")
+    if layer is None:
+        raise SystemExit(
+            f"--layer is required for {args.model} (the paper's blocks are known for Llama-2 and Mistral)."
+        )
+    epochs = args.epochs if args.epochs is not None else preset.get("epochs", DEFAULT_EPOCHS)
+    output_dir = args.output_dir or f"bipo-{args.behavior}-L{layer}"
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # question / matching / not_matching rows in the model's chat template, with the paper's system prompt.
+    train = load_behavior(args.behavior, "train", tokenizer)
+
+    load_kwargs = {"dtype": torch.bfloat16 if args.bf16 else torch.float32}
+    if args.load_in_4bit:
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)
+
+    trainer = SteerTrainer(
+        model=model,
+        args=SteerConfig(
+            output_dir=output_dir,
+            num_train_epochs=epochs,
+            max_steps=args.max_steps,
+            per_device_train_batch_size=args.batch_size,
+            report_to="none",
+        ),  # fmt: skip
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=SteeringConfig(layers=[layer]),  # a zero vector at the output of block `layer`
+    )
+    trainer.train()
+    trainer.save_model(output_dir)  # a PEFT adapter folder; per-epoch vectors are in output_dir/vectors/
+
+    if args.eval_pairs and trainer.accelerator.is_main_process:
+        rows = read_behavior_rows(args.behavior, "test")[: args.eval_pairs]
+        scores = answer_preference(
+            trainer.model, tokenizer, rows, format_prompt=PairFormatter(tokenizer).prompt, multipliers=[-1.0, 0.0, 1.0]
+        )
+        for multiplier, preference in scores.items():
+            print(f"multiplier {multiplier:+.0f}: answer preference {preference.score:.3f} "
+                  f"(mean log-prob margin {preference.margin:+.2f}) on {preference.n} test pairs")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

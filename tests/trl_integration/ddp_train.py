@@ -1,0 +1,58 @@
+"""Run by test_ddp.py under `accelerate launch --num_processes 2 --cpu`: trains a tiny vector, saves each rank's copy.
+
+Usage: ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from datasets import Dataset  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+import peft_steer  # noqa: E402
+from peft_steer import SteeringConfig  # noqa: E402
+from tests.conftest import make_model, make_tokenizer  # noqa: E402
+from tests.trl_integration.conftest import QUESTIONS, bipo_rows  # noqa: E402
+from trl_integration import SteerConfig, SteerTrainer  # noqa: E402
+
+
+def main() -> None:
+    output_dir, batch_size = sys.argv[1], int(sys.argv[2])
+    args = SteerConfig(
+        output_dir=output_dir,
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        save_vectors_per_epoch=False,
+        logging_steps=1,
+        max_length=256,
+        per_device_train_batch_size=batch_size,
+        warmup_steps=0,
+        learning_rate=5e-2,
+        max_steps=4,
+        seed=0,
+    )
+    trainer = SteerTrainer(
+        model=make_model("llama"),
+        args=args,
+        train_dataset=Dataset.from_list(bipo_rows(QUESTIONS[:8])),
+        processing_class=make_tokenizer(),
+        peft_config=SteeringConfig(layers=[1]),
+    )
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    vector = peft_steer.get_vectors(trainer.model)[1].contiguous()
+    save_file({"vector": vector}, os.path.join(output_dir, f"rank{rank}.safetensors"))
+    directions = [entry["direction"] for entry in trainer.state.log_history if "direction" in entry]
+    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
+        json.dump({"world_size": trainer.accelerator.num_processes, "directions": directions}, file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""`SteerConfig`: the settings of BiPO training, a `DPOConfig` with the paper's defaults and the direction sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+DIRECTION_SAMPLING = ("random", "antithetic", "positive")
+
+# DPOConfig options that change the objective away from BiPO's: SteerTrainer refuses them rather than ignore them.
+_BIPO_ONLY = {
+    "loss_type": (["sigmoid"], "BiPO's objective is the sigmoid loss -log sigmoid(d * beta * margin)"),
+    "loss_weights": (None, "BiPO has a single loss"),
+    "f_divergence_type": ("reverse_kl", "BiPO's rewards are plain log-ratios"),
+    "ld_alpha": (None, "BiPO sums the log-probs over every completion token"),
+    "use_weighting": (False, "BiPO weighs every pair equally"),
+    "label_smoothing": (0.0, "BiPO uses hard preference labels"),
+    "sync_ref_model": (False, "the reference is the model with the steering adapter disabled, which never changes"),
+}
+
+
+@dataclass
+class SteerConfig(DPOConfig):
+    r"""Configuration of [`SteerTrainer`]: BiPO training of a steering vector.
+
+    A `DPOConfig` (every `TrainingArguments` / `DPOConfig` option works as usual) whose defaults are the settings of the
+    BiPO paper and its official code: beta 0.1, AdamW with learning rate 5e-4 and weight decay 0.05, a cosine schedule
+    with 100 warm-up steps, 4 pairs per batch, fp32 arithmetic, no activation (gradient) checkpointing. The number of
+    epochs is left to the caller (the paper: 20 for Llama-2-7b-chat, 5 for Mistral-7B-Instruct-v0.2; see
+    `docs/training.md`).
+
+    The options of `DPOConfig` that would change the objective (`loss_type` other than `"sigmoid"`, `loss_weights`,
+    `f_divergence_type`, `ld_alpha`, `use_weighting`, `label_smoothing`, `sync_ref_model`) are refused with an error.
+
+    Parameters:
+        direction_sampling (`str`, *optional*, defaults to `"random"`):
+            How the direction `d` of the objective `-log sigmoid(d * beta * (r_d(y_w) - r_d(y_l)))` is chosen.
+            `"random"` (the paper's): one `d` in {-1, +1} per optimizer step, drawn from `(seed, step)` only, so every
+            data-parallel rank and a resumed run use the same one. `"antithetic"`: both directions on every batch, their
+            losses averaged (twice the policy compute per step, no sampling noise). `"positive"`: `d = +1` only
+            (a one-directional DPO on the vector).
+        save_vectors_per_epoch (`bool`, *optional*, defaults to `True`):
+            Save the steering adapter at the end of every epoch to `output_dir/vectors/epoch-<n>` (as the paper's runs
+            keep one vector per epoch). Each folder loads with `PeftModel.from_pretrained(base, folder)`.
+    """
+
+    # Paper / official BiPO defaults (overriding DPOConfig's and TrainingArguments').
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate (BiPO: 5e-4)."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay on the vector (BiPO: 0.05)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (BiPO: cosine)."})
+    warmup_steps: float = field(
+        default=100, metadata={"help": "Linear warm-up steps (BiPO: 100); a value below 1 is a fraction of all steps."}
+    )
+    per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Preference pairs per device and micro-batch (BiPO: 4)."}
+    )
+    beta: float = field(default=0.1, metadata={"help": "Scale of the reward margin inside the sigmoid (BiPO: 0.1)."})
+    bf16: bool | None = field(
+        default=False,
+        metadata={
+            "help": "bf16 autocast. Off by default: BiPO trains in fp32. To halve memory, load the model in bf16 "
+            "instead; the steering vector stays fp32 either way."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing` (off by default here, unlike TRL: only the blocks "
+            "after the steered one are differentiated, and their activations for short preference pairs are small)."
+        },
+    )
+
+    direction_sampling: str = field(
+        default="random",
+        metadata={
+            "help": "'random' (paper): one direction d in {-1,+1} per optimizer step, a pure function of (seed, step); "
+            "'antithetic': both directions on every batch, averaged; 'positive': d = +1 only.",
+            "choices": list(DIRECTION_SAMPLING),
+        },
+    )
+    save_vectors_per_epoch: bool = field(
+        default=True,
+        metadata={"help": "Save the steering adapter at the end of every epoch to output_dir/vectors/epoch-<n>."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        if self.direction_sampling not in DIRECTION_SAMPLING:
+            choices = ", ".join(DIRECTION_SAMPLING)
+            raise ValueError(f"SteerConfig(direction_sampling={self.direction_sampling!r}): choose one of {choices}.")
+        for name, (allowed, reason) in _BIPO_ONLY.items():
+            if getattr(self, name) != allowed:
+                raise ValueError(
+                    f"SteerConfig({name}={getattr(self, name)!r}) is not supported: {reason}. Leave {name} at its "
+                    f"default ({allowed!r}), or use trl.DPOTrainer for other objectives."
+                )
+        if self.beta <= 0:
+            raise ValueError(f"SteerConfig(beta={self.beta}) must be positive.")
+        super().__post_init__()
