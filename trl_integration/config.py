@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .prefix_cache import STORAGES
+
 DIRECTION_SAMPLING = ("random", "antithetic", "positive")
 
 # DPOConfig options that change the objective away from BiPO's: SteerTrainer refuses them rather than ignore them.
@@ -83,6 +85,26 @@ class SteerConfig(DPOConfig):
         default=True,
         metadata={"help": "Save the steering adapter at the end of every epoch to output_dir/vectors/epoch-<n>."},
     )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the reference log-probs (steering disabled) once per example before training instead of "
+            "at every step: the reference never changes. On by default here."
+        },
+    )
+    prefix_cache: str = field(
+        default="auto",
+        metadata={
+            "help": "Cache the output of blocks 0..L (they do not depend on the vector) once per training sequence, "
+            "so that each step runs only the blocks after L: 'auto' (the accelerator if it fits in 20% of its free "
+            "memory, else host memory, else disk), 'device', 'cpu', 'disk', or 'off'. Falls back to the plain path, "
+            "with a logged reason, where it cannot apply (dropout or trainable weights in blocks 0..L).",
+            "choices": list(STORAGES),
+        },
+    )
+    prefix_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the cache file when prefix_cache='disk' (default: a temp folder)."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.loss_type, str):
@@ -96,6 +118,8 @@ class SteerConfig(DPOConfig):
                     f"SteerConfig({name}={getattr(self, name)!r}) is not supported: {reason}. Leave {name} at its "
                     f"default ({allowed!r}), or use trl.DPOTrainer for other objectives."
                 )
+        if self.prefix_cache not in STORAGES:
+            raise ValueError(f"SteerConfig(prefix_cache={self.prefix_cache!r}): choose one of {', '.join(STORAGES)}.")
         if self.beta <= 0:
             raise ValueError(f"SteerConfig(beta={self.beta}) must be positive.")
         super().__post_init__()

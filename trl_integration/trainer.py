@@ -11,12 +11,13 @@ adapter, so a run holds one model. Its log-probs can be computed once before tra
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import textwrap
 import warnings
 from collections.abc import Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from datasets import Dataset, IterableDataset
 from peft import PeftModel, get_peft_model
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import DPOTrainer
 
@@ -32,6 +35,9 @@ from peft_steer import SteeringConfig, SteeringModel
 from peft_steer.data import DataError, check_preference_dataset
 
 from .config import SteerConfig
+from .prefix_cache import PrefixCache, choose_storage, estimate_bytes, fallback_reason
+
+logger = logging.getLogger(__name__)
 
 BIPO_CITATION = textwrap.dedent("""\
     @inproceedings{cao2024personalized,
@@ -164,6 +170,17 @@ class SteerTrainer(DPOTrainer):
         # TRL casts the trainable parameters of a quantized model to bf16; the exact fp32 values are put back below.
         initial_vectors = peft_steer.get_vectors(model, self.adapter_name)
 
+        # The prefix cache is created once the train set is tokenized (`_prepare_dataset`, with a size estimate).
+        self._prefix_cache: PrefixCache | None = None
+        self._prefix_block = min(tuner.peft_config[self.adapter_name].layers)
+        self._prefix_hidden = tuner.peft_config[self.adapter_name].hidden_size
+        self._prefix_model = model.get_base_model()
+        self._prefix_off_reason = (
+            "prefix_cache='off'"
+            if args.prefix_cache == "off"
+            else fallback_reason(model.get_base_model(), self._prefix_block)
+        )
+
         # ---- 3. DPOTrainer ------------------------------------------------------------------------------------
         # The reference is this model with steering disabled. Handing TRL the inner transformers model as
         # `ref_model` (the same object and weights, not a copy) stops it from building a "ref" adapter by copying
@@ -203,6 +220,8 @@ class SteerTrainer(DPOTrainer):
         """TRL's tokenization, plus warnings that count the pairs `max_length` truncates or drops."""
         count = len(dataset) if isinstance(dataset, Dataset) else None
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if dataset_name == "train":
+            self._plan_prefix_cache(prepared, args)
         if count is None or args.max_length is None or "prompt_ids" not in prepared.column_names:
             return prepared
         dropped = count - len(prepared)
@@ -230,6 +249,53 @@ class SteerTrainer(DPOTrainer):
                 stacklevel=4,  # the caller of SteerTrainer(...)
             )
         return prepared
+
+    def _plan_prefix_cache(self, prepared: Any, args: SteerConfig) -> None:
+        """Create the prefix cache for this train set (or log why the plain path is used)."""
+        if self._prefix_off_reason is not None:
+            logger.warning("Prefix cache off: %s. Every step runs the whole model.", self._prefix_off_reason)
+            return
+        inner = self._prefix_model  # `self.model` does not exist yet: TRL prepares the data first
+        dtype = next(inner.parameters()).dtype
+        dtype = dtype if dtype.is_floating_point else torch.float32
+        hidden = self._prefix_hidden
+        if isinstance(prepared, Dataset) and "prompt_ids" in prepared.column_names:
+            prompts = [len(ids) for ids in prepared["prompt_ids"]]
+            chosen = [len(ids) for ids in prepared["chosen_ids"]]
+            rejected = [len(ids) for ids in prepared["rejected_ids"]]
+            size = estimate_bytes(2 * sum(prompts) + sum(chosen) + sum(rejected), hidden, dtype)
+        else:
+            size = 0  # streamed: unknown
+        storage = choose_storage(args.prefix_cache, size, args.device)
+        logger.warning(
+            "Prefix cache: the output of blocks 0..%d for every training sequence, about %.1f MiB (%s), kept on %s.",
+            self._prefix_block, size / 2**20, dtype, storage,
+        )  # fmt: skip
+        self._prefix_cache = PrefixCache(inner, self._prefix_block, storage, args.prefix_cache_dir)
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        """Reference log-probs of every pair, once, as two new columns of the data set.
+
+        TRL writes them to a cache file beside the data set; an in-memory data set has one temporary folder per
+        process, so under DDP the other ranks could not read it. Here they stay in memory, gathered on every rank.
+        """
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                f"precompute_ref_log_probs needs a map-style {name} dataset, not an IterableDataset: "
+                "pass a datasets.Dataset or set precompute_ref_log_probs=False."
+            )
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        chosen, rejected = [], []
+        for batch in tqdm(
+            self.accelerator.prepare(loader),
+            desc=f"Reference log-probs of the {name} dataset",
+            disable=not self.is_local_process_zero() or self.args.disable_tqdm,
+        ):
+            batch_chosen, batch_rejected = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(None, batch))
+            chosen.append(batch_chosen.cpu())
+            rejected.append(batch_rejected.cpu())
+        dataset = dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
+        return dataset.add_column("ref_rejected_logps", torch.cat(rejected).tolist())
 
     # ---- the objective -----------------------------------------------------------------------------------------
 
@@ -316,8 +382,11 @@ class SteerTrainer(DPOTrainer):
         # Eval mode: no dropout (the reference never changes) and no activation checkpointing, which only costs time
         # without gradients (and warns when reentrant). TRL toggles checkpointing instead, which re-registers the
         # input-embedding hooks on every call.
+        cache = self._prefix_cache
+        capture = cache.capturing(inputs["input_ids"], inputs["attention_mask"]) if cache else nullcontext()
         with torch.no_grad(), peft_model.disable_adapter(), _eval_mode(self.model), self.accelerator.autocast():
-            logps = self._forward_logps(self.model, inputs)
+            with capture:  # the reference pass sees the unsteered prefix: keep it
+                logps = self._forward_logps(self.model, inputs)
         return logps.float().chunk(2, dim=0)
 
     def _completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor], multiplier) -> torch.Tensor:
@@ -326,6 +395,10 @@ class SteerTrainer(DPOTrainer):
         with ExitStack() as stack:
             stack.enter_context(peft_steer.steering(peft_model, multiplier=multiplier, adapter_name=self.adapter_name))
             stack.enter_context(self._prompt_boundaries(peft_model, batch["completion_mask"]))
+            cache = self._prefix_cache
+            if cache is not None:
+                cache.fill(batch["input_ids"], batch["attention_mask"], peft_model.disable_adapter())
+                stack.enter_context(cache.replay(batch["input_ids"], batch["attention_mask"]))
             return self._forward_logps(model, batch)
 
     @contextmanager

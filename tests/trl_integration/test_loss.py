@@ -85,7 +85,7 @@ def test_loss_has_gradient_only_for_the_vector(tmp_path, tokenizer, pairs):
     handle = embeddings.register_forward_hook(lambda module, args, output: seen.append(output.requires_grad))
     loss, _ = trainer.bipo_loss(trainer.model, collated(trainer, range(4)), (1.0,))
     handle.remove()
-    assert seen == [False, False]
+    assert seen and not any(seen)
     loss.backward()
     with_grad = [name for name, param in trainer.model.named_parameters() if param.grad is not None]
     assert with_grad == ["base_model.steering_vectors.default.1"]

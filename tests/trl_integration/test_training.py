@@ -124,7 +124,7 @@ def test_gradient_checkpointing_gives_the_same_vector(tmp_path, tokenizer, pairs
     trainer.model.train()
     trainer.bipo_loss(trainer.model, collated(trainer, range(2)), (1.0,))
     handle.remove()
-    assert seen == [reentrant, reentrant]  # the reference forward, then the steered one
+    assert seen and all(requires == reentrant for requires in seen)  # reference log-probs are precomputed
 
 
 def test_resume_gives_the_vector_of_an_uninterrupted_run(tmp_path, tokenizer, pairs):

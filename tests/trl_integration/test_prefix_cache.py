@@ -1,0 +1,137 @@
+"""The prefix-activation cache gives the plain path's loss and vector, skips blocks 0..L, and falls back cleanly."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+
+import peft_steer
+from peft_steer import SteeringConfig
+from tests.conftest import ARCHITECTURES, make_model
+from tests.trl_integration.conftest import QUESTIONS, bipo_rows, collated, fast_args
+from trl_integration import SteerTrainer
+
+
+def no_dropout(arch: str) -> transformers.PreTrainedModel:
+    model = make_model(arch)
+    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def trainer_for(tmp_path, tokenizer, cache, arch="llama", layers=(1,), positions="all", **settings):
+    model = no_dropout(arch)
+    torch.manual_seed(0)
+    trainer = SteerTrainer(
+        model=model,
+        args=fast_args(tmp_path / cache, prefix_cache=cache, **settings),
+        train_dataset=Dataset.from_list(bipo_rows(QUESTIONS[:8])),
+        processing_class=tokenizer,
+        peft_config=SteeringConfig(layers=list(layers), positions=positions),
+    )
+    generator = torch.Generator().manual_seed(1)
+    peft_steer.set_vectors(trainer.model, {b: 0.05 * torch.randn(32, generator=generator) for b in layers})
+    return trainer
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_cached_loss_equals_plain_loss_on_every_architecture(tmp_path, tokenizer, arch):
+    plain = trainer_for(tmp_path, tokenizer, "off", arch)
+    cached = trainer_for(tmp_path, tokenizer, "cpu", arch)
+    assert plain._prefix_cache is None and cached._prefix_cache is not None
+    batch = collated(plain, range(4))
+    for direction in (1.0, -1.0):
+        expected, _ = plain.bipo_loss(plain.model, batch, (direction,))
+        got, _ = cached.bipo_loss(cached.model, batch, (direction,))
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("storage, positions, layers", [("cpu", "completion", (1,)), ("disk", "all", (1, 2))])
+def test_cached_loss_with_completion_positions_disk_storage_and_two_blocks(
+    tmp_path, tokenizer, storage, positions, layers
+):
+    plain = trainer_for(tmp_path, tokenizer, "off", layers=layers, positions=positions)
+    cached = trainer_for(tmp_path, tokenizer, storage, layers=layers, positions=positions)
+    assert cached._prefix_cache.storage == storage and cached._prefix_cache.block == min(layers)
+    batch = collated(plain, range(4))
+    expected, _ = plain.bipo_loss(plain.model, batch, (1.0, -1.0))
+    got, _ = cached.bipo_loss(cached.model, batch, (1.0, -1.0))
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_trained_vectors_agree_and_training_steps_skip_the_prefix(tmp_path, tokenizer):
+    vectors = {}
+    for cache in ("off", "auto"):
+        trainer = trainer_for(tmp_path, tokenizer, cache, max_steps=6, per_device_train_batch_size=2)
+        calls = []
+        block0 = trainer.model.get_base_model().model.layers[0]
+        handle = block0.register_forward_pre_hook(lambda module, args: calls.append(1))
+        before = len(trainer._prefix_cache.entries) if trainer._prefix_cache else None
+        trainer.train()
+        handle.remove()
+        vectors[cache] = peft_steer.get_vectors(trainer.model)[1]
+        if cache == "auto":
+            assert before == 16  # every chosen and rejected sequence, filled by the reference pass
+        else:
+            assert len(calls) == 6  # the plain path runs block 0 at every step
+    assert vectors["off"].abs().max() > 1e-3
+    torch.testing.assert_close(vectors["auto"], vectors["off"], atol=1e-6, rtol=1e-5)
+
+
+def test_the_prefix_blocks_do_no_work_in_a_cached_step(tmp_path, tokenizer):
+    trainer = trainer_for(tmp_path, tokenizer, "cpu")
+    attention_calls = []
+    attention = trainer.model.get_base_model().model.layers[0].self_attn
+    handle = attention.register_forward_hook(lambda module, args, output: attention_calls.append(1))
+    trainer.bipo_loss(trainer.model, collated(trainer, range(4)), (1.0,))
+    handle.remove()
+    assert attention_calls == []
+    later = trainer.model.get_base_model().model.layers[2].self_attn
+    handle = later.register_forward_hook(lambda module, args, output: attention_calls.append(1))
+    trainer.bipo_loss(trainer.model, collated(trainer, range(4)), (1.0,))
+    handle.remove()
+    assert attention_calls == [1]
+
+
+def test_size_estimate_is_logged_first(tmp_path, tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+        trainer_for(tmp_path, tokenizer, "auto")
+    assert any("Prefix cache: the output of blocks 0..1" in r.message and "MiB" in r.message for r in caplog.records)
+
+
+def test_falls_back_with_a_reason(tmp_path, tokenizer, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+        gpt2 = SteerTrainer(
+            model=make_model("gpt2"),  # GPT-2 has dropout: its prefix is random in training
+            args=fast_args(tmp_path / "gpt2"),
+            train_dataset=Dataset.from_list(bipo_rows(QUESTIONS[:4])),
+            processing_class=tokenizer,
+            peft_config=SteeringConfig(layers=[1]),
+        )
+    assert gpt2._prefix_cache is None
+    assert any("Prefix cache off: dropout is active in blocks 0..1" in r.message for r in caplog.records)
+
+    lora = get_peft_model(no_dropout("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    steered = get_peft_model(lora, SteeringConfig(layers=[1]))
+    for name, parameter in steered.named_parameters():
+        if "lora_A" in name and ".layers.0." in name:
+            parameter.requires_grad_(True)  # a LoRA in block 0 that would train alongside
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+        trainer = SteerTrainer(
+            model=steered,
+            args=fast_args(tmp_path / "lora"),
+            train_dataset=Dataset.from_list(bipo_rows(QUESTIONS[:4])),
+            processing_class=tokenizer,
+        )
+    assert trainer._prefix_cache is None
+    assert any("have trainable parameters" in r.message for r in caplog.records)
