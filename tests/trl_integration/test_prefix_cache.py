@@ -74,7 +74,7 @@ def test_trained_vectors_agree_and_training_steps_skip_the_prefix(tmp_path, toke
         trainer = trainer_for(tmp_path, tokenizer, cache, max_steps=6, per_device_train_batch_size=2)
         calls = []
         block0 = trainer.model.get_base_model().model.layers[0]
-        handle = block0.register_forward_pre_hook(lambda module, args: calls.append(1))
+        handle = block0.register_forward_pre_hook(lambda module, args, calls=calls: calls.append(1))
         before = len(trainer._prefix_cache.entries) if trainer._prefix_cache else None
         trainer.train()
         handle.remove()
