@@ -80,7 +80,16 @@ def add_train_command(subparsers: Any) -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision).")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations (less memory).")
     parser.add_argument(
-        "--precompute-ref-log-probs", action="store_true", help="Compute the reference log-probs once, up front."
+        "--no-precompute-ref-log-probs",
+        dest="precompute_ref_log_probs",
+        action="store_false",
+        help="Run the reference forward at every step instead of once per example up front.",
+    )
+    parser.add_argument(
+        "--prefix-cache",
+        choices=["auto", "device", "cpu", "disk", "off"],
+        default="auto",
+        help="Cache the output of blocks 0..L once per sequence (default auto: accelerator, host memory or disk).",
     )
     parser.add_argument("--seed", type=int, default=42, help="Seed of data order and directions.")
     parser.add_argument("--save-steps", type=int, default=500, help="Steps between resumable checkpoints.")
@@ -163,6 +172,7 @@ def run_train(args: argparse.Namespace) -> None:
             bf16=args.bf16,
             activation_checkpointing=args.gradient_checkpointing,
             precompute_ref_log_probs=args.precompute_ref_log_probs,
+            prefix_cache=args.prefix_cache,
             seed=args.seed,
             save_strategy="steps",
             save_steps=args.save_steps,
