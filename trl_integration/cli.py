@@ -57,6 +57,13 @@ def _import_gguf(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: blocks {config.layers} of {config.num_blocks}, hidden size {config.hidden_size}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    """BiPO vs CAA on the model organism, offline."""
+    from .demo import run_demo
+
+    run_demo(out=args.out, behavior=args.behavior, layer=args.layer, epochs=args.epochs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-steer", description="BiPO steering vectors for PEFT models.")
     parser.add_argument("--version", action="version", version=f"peft-steer {peft_steer.__version__}")
@@ -86,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     gguf_in.add_argument("--base-model", required=True, help="Hub id or local folder of the base model.")
     gguf_in.add_argument("--out", required=True, help="Adapter folder to write (must not exist or be empty).")
     gguf_in.set_defaults(run=_import_gguf)
+
+    demo = commands.add_parser(
+        "demo",
+        help="Train a BiPO vector on the project's model organism and compare it with CAA (offline, minutes on a CPU).",
+    )
+    demo.add_argument("--behavior", default="power-seeking", help="One of the four shipped behaviors.")
+    demo.add_argument("--out", default=".", help="Folder to write peft-steer-demo-<behavior>/ into (default: here).")
+    demo.add_argument("--layer", type=int, default=2, help="Block of the organism to steer (0-3; default 2).")
+    demo.add_argument("--epochs", type=float, default=2.0, help="BiPO epochs over the train pairs (default 2).")
+    demo.set_defaults(run=_demo)
 
     try:
         from .train_command import add_train_command
