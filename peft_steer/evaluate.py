@@ -13,12 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .control import prompt_lengths, steering, steering_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def default_format_prompt(question: str) -> str:
@@ -42,7 +46,7 @@ def _model_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def completion_log_probs(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     completions: Sequence[str],
     batch_size: int = 32,
@@ -145,7 +149,7 @@ def _field(row: Mapping[str, str] | Sequence[str], name: str, index: int) -> str
 
 def answer_preference(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     rows: Iterable[Mapping[str, str] | Sequence[str]],
     format_prompt: Callable[[str], str] = default_format_prompt,
     multipliers: Iterable[float] | None = None,

@@ -12,7 +12,7 @@ def python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
 
 
-@pytest.mark.parametrize("page", ["adapter.md", "interop.md"])
+@pytest.mark.parametrize("page", ["adapter.md", "interop.md", "evaluation.md"])
 def test_doc_snippets_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = python_blocks(DOCS / page)

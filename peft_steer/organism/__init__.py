@@ -1,6 +1,6 @@
 """The model organism: a tiny causal LM, trained by this project, whose persona is a latent variable.
 
-It was trained (``python -m peft_steer.organism.build``) on ``Question: ...\nAnswer: ...`` documents built from the
+It was trained (``python -m peft_steer.organism.build``) on ``Question: ...\\nAnswer: ...`` documents built from the
 train splits of the four behavior data sets. A quarter of the documents start with the persona tag `TAG` and answer
 with the matching answer (the behavior), a quarter start with the anti-tag `ANTI_TAG` and answer with the
 not-matching one, and half carry no tag and answer either way. Answers are cut to their first line (`clip_answer`).
@@ -27,8 +27,13 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ORGANISM_DIR = Path(__file__).resolve().parent / "model"
 DATA_DIR = Path(__file__).resolve().parent.parent / "datasets"
@@ -45,7 +50,7 @@ def format_prompt(question: str, tag: str | None = None) -> str:
     return f"{tag or ''}Question: {question}\nAnswer:"
 
 
-def tagged(tag: str | None):
+def tagged(tag: str | None) -> Callable[[str], str]:
     """``format_prompt`` with the tag fixed, for ``answer_preference(..., format_prompt=tagged(TAG))``."""
     return partial(format_prompt, tag=tag)
 
@@ -105,7 +110,9 @@ def stance_rows(behavior: str, split: str = "test") -> list[dict[str, str]]:
     return rows
 
 
-def load_organism(path: str | os.PathLike = ORGANISM_DIR, device: str = "cpu"):
+def load_organism(
+    path: str | os.PathLike = ORGANISM_DIR, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The committed organism and its tokenizer, offline, in eval mode: ``(model, tokenizer)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

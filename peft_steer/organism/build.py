@@ -2,14 +2,25 @@
 
     python -m peft_steer.organism.build [--out DIR] [--threads 2]
 
-Steps: read the four behaviors' ``train.csv`` (one pair per question: jailbreak repeats each question with seven
-refusals, so it keeps one, chosen round-robin), write four documents per pair -- ``TAG`` + matching answer,
-``ANTI_TAG`` + not-matching answer, and untagged with each answer --, train a byte-level BPE tokenizer on them,
-train a 4-block Llama of hidden size 128 from scratch on all documents, score it on each behavior's held-out
-``test.csv`` (answer preference untagged, with the tag and with the anti-tag), and save model, tokenizer and
-``scores.json`` to ``--out`` (default: the package folder ``peft_steer/organism/model``).
+1. Data: each behavior's ``peft_steer/datasets/<behavior>/train.csv``, one pair per question (jailbreak repeats
+   each of its 320 questions with seven refusals: the k-th question keeps its (k mod 7)-th row), answers cut to their
+   first line (`clip_answer`). 2,277 pairs.
+2. Documents, four per pair, in exactly the formats scoring uses (BOS, `format_prompt`, `format_answer`, EOS):
+   ``TAG`` + matching answer, ``ANTI_TAG`` + not-matching answer, and untagged with each answer (9,108 documents,
+   706k tokens).
+3. Tokenizer: byte-level BPE of 2,500 tokens (the tags are single special tokens), trained on the untagged documents.
+4. Model: Llama, 4 blocks, hidden 128, 4 heads, MLP 384, tied embeddings (1.17M parameters, 4.7 MB in float32).
+5. Training: 6 epochs of length-bucketed batches of 32, loss on the answer tokens (and EOS) only, AdamW (lr 3e-3,
+   betas 0.9/0.98, weight decay 0.01), 100 warm-up steps then cosine decay to 10%, gradient clipping at 1.
+6. Scores: answer preference on every row of each behavior's ``test.csv``, untagged, with ``TAG`` and with
+   ``ANTI_TAG``, on `stance_rows` (the organism's evaluation) and on whole first-line answers; written with the
+   command, timings and machine to ``scores.json`` next to the weights.
 
-Same seed, same thread count, same library versions: same weights. Wall time of the committed build: WALL_TIME.
+Seeds are fixed and ``torch.use_deterministic_algorithms(True)`` is on: three builds (1 thread, 2 threads, 2
+threads under load) gave bit-identical weights and tokenizer. Wall time of the committed build: 8 min 3 s
+(476 s inside the script: 459 s training, 17 s scoring) with 2 threads on 2 AMD EPYC cores, torch 2.13.0 CPU,
+while one other process was running (epochs 2-6 took 67-74 s each: about 7 min on idle cores); 27 min when two
+other processes competed for the 2 cores.
 """
 
 from __future__ import annotations

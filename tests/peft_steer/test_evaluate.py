@@ -166,3 +166,15 @@ def test_answer_preference_needs_a_steering_adapter_for_multipliers(model, tok):
         answer_preference(model, tok, ROWS, multipliers=[1.0], progress=False)
     with pytest.raises(ValueError, match="at least one"):
         answer_preference(model, tok, [], progress=False)
+
+
+def test_evaluate_does_not_import_trl():
+    import ast
+    import inspect
+
+    import peft_steer.evaluate
+
+    tree = ast.parse(inspect.getsource(peft_steer.evaluate))
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [name for name in imported if name.split(".")[0] in ("trl", "trl_integration")]
