@@ -10,9 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["peft_steer", "peft_steer.*", "trl_integration", "trl_integration.*"]),
     include_package_data=True,
-    package_data={
-        "peft_steer": ["datasets/*/*.csv", "datasets/LICENSE", "datasets/README.md", "organism/model/*"]
-    },
+    package_data={"peft_steer": ["datasets/*/*.csv", "datasets/LICENSE", "datasets/README.md", "organism/model/*"]},
     # Lower bounds are the versions this was tested with.
     install_requires=[
         "torch>=2.4",

@@ -39,9 +39,7 @@ def tokens_per_second(model, input_ids, new_tokens: int, device: str) -> float:
         torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.no_grad():
-        model.generate(
-            input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
-        )
+        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     if device == "cuda":
         torch.cuda.synchronize()
     return input_ids.shape[0] * new_tokens / (time.perf_counter() - start)
