@@ -68,7 +68,7 @@ def pairs() -> Dataset:
 def fast_args(tmp_path, **overrides) -> SteerConfig:
     """A SteerConfig for tiny CPU runs: no progress bars, no checkpoints unless asked, log every step."""
     settings = dict(
-        output_dir=str(tmp_path / "out"),
+        output_dir=str(tmp_path / "out") if tmp_path is not None else None,
         use_cpu=True,
         report_to="none",
         disable_tqdm=True,

@@ -17,26 +17,15 @@ from safetensors.torch import save_file  # noqa: E402
 import peft_steer  # noqa: E402
 from peft_steer import SteeringConfig  # noqa: E402
 from tests.conftest import make_model, make_tokenizer  # noqa: E402
-from tests.trl_integration.conftest import QUESTIONS, bipo_rows  # noqa: E402
-from trl_integration import SteerConfig, SteerTrainer  # noqa: E402
+from tests.trl_integration.conftest import QUESTIONS, bipo_rows, fast_args  # noqa: E402
+from trl_integration import SteerTrainer  # noqa: E402
 
 
 def main() -> None:
     output_dir, batch_size = sys.argv[1], int(sys.argv[2])
-    args = SteerConfig(
-        output_dir=output_dir,
-        use_cpu=True,
-        report_to="none",
-        disable_tqdm=True,
-        save_strategy="no",
-        save_vectors_per_epoch=False,
-        logging_steps=1,
-        max_length=256,
-        per_device_train_batch_size=batch_size,
-        warmup_steps=0,
-        learning_rate=5e-2,
-        max_steps=4,
-        seed=0,
+    # the shared fast settings; output_dir is the folder the test reads each rank's vector from
+    args = fast_args(
+        None, output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=5e-2, max_steps=4
     )
     trainer = SteerTrainer(
         model=make_model("llama"),
