@@ -28,6 +28,7 @@ setup(
         "plotting": ["matplotlib>=3.8"],
         "bitsandbytes": ["bitsandbytes>=0.45"],
         "gguf": ["gguf>=0.10"],
+        "deepspeed": ["deepspeed>=0.19"],
     },
     entry_points={"console_scripts": ["peft-steer=trl_integration.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

@@ -3,6 +3,8 @@
     python examples/train_bipo.py --model meta-llama/Llama-2-7b-chat-hf --behavior power-seeking
     python examples/train_bipo.py --model mistralai/Mistral-7B-Instruct-v0.2 --behavior wealth-seeking
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_bipo.py --model ... --batch-size 2
+    accelerate launch --config_file examples/accelerate/fsdp.yaml examples/train_bipo.py --model ... --batch-size 2
+    accelerate launch --config_file examples/accelerate/zero3.yaml examples/train_bipo.py --model ... --batch-size 2
 
 Defaults are the paper's: block 15 and 20 epochs for Llama-2-7b-chat, block 13 and 5 epochs for
 Mistral-7B-Instruct-v0.2, beta 0.1, AdamW lr 5e-4, weight decay 0.05, cosine schedule with 100 warm-up steps,
@@ -56,6 +58,15 @@ def main() -> None:
     # question / matching / not_matching rows in the model's chat template, with the paper's system prompt.
     train = load_behavior(args.behavior, "train", tokenizer)
 
+    # The training arguments come before the model: under DeepSpeed ZeRO-3 they make from_pretrained load each
+    # rank's partition of the weights only (zero3_init_flag), instead of the whole model on every rank.
+    config = SteerConfig(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        report_to="none",
+    )
     load_kwargs = {"dtype": torch.bfloat16 if args.bf16 else torch.float32}
     if args.load_in_4bit:
         load_kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -65,13 +76,7 @@ def main() -> None:
 
     trainer = SteerTrainer(
         model=model,
-        args=SteerConfig(
-            output_dir=output_dir,
-            num_train_epochs=epochs,
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            report_to="none",
-        ),  # fmt: skip
+        args=config,
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=SteeringConfig(layers=[layer]),  # a zero vector at the output of block `layer`
@@ -79,12 +84,14 @@ def main() -> None:
     trainer.train()
     trainer.save_model(output_dir)  # a PEFT adapter folder; per-epoch vectors are in output_dir/vectors/
 
-    if args.eval_pairs and trainer.accelerator.is_main_process:
+    # Under FSDP / ZeRO-3 each rank holds a shard of the weights, so every rank runs the evaluation's forwards.
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if args.eval_pairs and (sharded or trainer.accelerator.is_main_process):
         rows = read_behavior_rows(args.behavior, "test")[: args.eval_pairs]
         scores = answer_preference(
             trainer.model, tokenizer, rows, format_prompt=PairFormatter(tokenizer).prompt, multipliers=[-1.0, 0.0, 1.0]
         )
-        for multiplier, preference in scores.items():
+        for multiplier, preference in scores.items() if trainer.accelerator.is_main_process else ():
             print(f"multiplier {multiplier:+.0f}: answer preference {preference.score:.3f} "
                   f"(mean log-prob margin {preference.margin:+.2f}) on {preference.n} test pairs")  # fmt: skip
 

@@ -29,13 +29,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import DPOTrainer
+from trl.models import prepare_deepspeed
 
 import peft_steer
 from peft_steer import SteeringConfig, SteeringModel
+from peft_steer.blocks import find_block_list
 from peft_steer.data import DataError, check_preference_dataset
 
 from .config import SteerConfig
 from .prefix_cache import PrefixCache, choose_storage, estimate_bytes, fallback_reason
+from .sharding import check_sharding, gathered, register_with_zero3, sharding_engine
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +119,7 @@ class SteerTrainer(DPOTrainer):
                 f"SteerTrainer(args=...) takes a SteerConfig, got {type(args).__name__}: use "
                 "trl_integration.SteerConfig(...), which accepts every DPOConfig option."
             )
-        if args.deepspeed or args.fsdp:
-            raise NotImplementedError(
-                "SteerTrainer supports single-device and DDP training (accelerate launch / torchrun); DeepSpeed and "
-                "FSDP are not supported: a steering vector has nothing to shard. Remove the deepspeed / fsdp options."
-            )
+        check_sharding(args)
         if compute_metrics is not None:
             raise ValueError("SteerTrainer(compute_metrics=...) is not supported: evaluation reports the BiPO metrics.")
         if peft_config is not None and not isinstance(peft_config, SteeringConfig):
@@ -175,41 +174,37 @@ class SteerTrainer(DPOTrainer):
         self._prefix_block = min(tuner.peft_config[self.adapter_name].layers)
         self._prefix_hidden = tuner.peft_config[self.adapter_name].hidden_size
         self._prefix_model = model.get_base_model()
-        self._prefix_off_reason = (
-            "prefix_cache='off'"
-            if args.prefix_cache == "off"
-            else fallback_reason(model.get_base_model(), self._prefix_block)
-        )
+        engine = sharding_engine(args)
+        if args.prefix_cache == "off":
+            self._prefix_off_reason: str | None = "prefix_cache='off'"
+        elif engine is not None:
+            self._prefix_off_reason = f"{engine} shards the blocks, and replaying blocks 0..L on them is not verified"
+        else:
+            self._prefix_off_reason = fallback_reason(model.get_base_model(), self._prefix_block)
 
         # ---- 3. DPOTrainer ------------------------------------------------------------------------------------
-        # The reference is this model with steering disabled. Handing TRL the inner transformers model as
-        # `ref_model` (the same object and weights, not a copy) stops it from building a "ref" adapter by copying
-        # parameters named ".default.": that copy would be a steered reference (and fails on a LoRA underneath).
-        # TRL never runs it: `compute_loss` and `compute_ref_log_probs` below disable the adapter on `self.model`.
-        super().__init__(
-            model=model,
-            ref_model=model.get_base_model(),
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
-        self.ref_model = None  # no second model: see above
-        # TRL "prepared" that inner model as an evaluation-only reference. Undo the marks that would make Accelerate
-        # treat the PeftModel around it as prepared too (PeftModel forwards unknown attributes to the inner model):
-        # it would then never be wrapped in DDP, and the ranks would train different vectors.
-        inner = model.get_base_model()
-        inner.__dict__.pop("_is_accelerate_prepared", None)
-        prepared = getattr(self.accelerator, "_models", [])
-        if any(entry is inner for entry in prepared):
-            prepared[:] = [entry for entry in prepared if entry is not inner]
+        # The reference is this model with steering disabled: `compute_loss` and `compute_ref_log_probs` below
+        # disable the adapter on `self.model`. TRL would build a "ref" adapter instead (see `_no_ref_adapter`).
+        with _no_ref_adapter(model, self.adapter_name):
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
 
         # The vectors stay fp32 whatever the model's dtype (bf16 loses small updates: 10 + 1e-2 == 10).
         tuner._cast_adapter_dtype(self.adapter_name)
         peft_steer.set_vectors(model, initial_vectors, self.adapter_name)
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            config = tuner.peft_config[self.adapter_name]
+            _, blocks = find_block_list(model.get_base_model(), config.blocks_path)
+            register_with_zero3(blocks, tuner.vectors_of(self.adapter_name))
 
         self.add_callback(_SteerCallback(self))
         _drop_input_grads(self)
@@ -285,13 +280,20 @@ class SteerTrainer(DPOTrainer):
                 "pass a datasets.Dataset or set precompute_ref_log_probs=False."
             )
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        model = self.model
+        if self.is_deepspeed_enabled:
+            # This runs before `train()` prepares the model: under ZeRO-3 its weights are still partitioned (TRL
+            # does the same). An inference engine gathers them; it is built once and kept for later evaluations.
+            if getattr(self, "_precompute_engine", None) is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
         chosen, rejected = [], []
         for batch in tqdm(
             self.accelerator.prepare(loader),
             desc=f"Reference log-probs of the {name} dataset",
             disable=not self.is_local_process_zero() or self.args.disable_tqdm,
         ):
-            batch_chosen, batch_rejected = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(None, batch))
+            batch_chosen, batch_rejected = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
             chosen.append(batch_chosen.cpu())
             rejected.append(batch_rejected.cpu())
         dataset = dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
@@ -375,18 +377,19 @@ class SteerTrainer(DPOTrainer):
     def compute_ref_log_probs(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
         """Summed completion log-probs of the chosen and rejected rows under the reference (steering disabled).
 
-        ``model`` is ignored (TRL passes its reference model): the reference is always ``self.model`` with the
-        steering adapter disabled, during training and for ``precompute_ref_log_probs`` alike.
+        ``model`` is the model being trained, possibly wrapped (DDP, FSDP, a DeepSpeed engine); ``None`` means
+        ``self.model``. The reference is always that model with the steering adapter disabled.
         """
-        peft_model = self.accelerator.unwrap_model(self.model)
+        model = self.model if model is None else model
+        peft_model = self.accelerator.unwrap_model(model)
         # Eval mode: no dropout (the reference never changes) and no activation checkpointing, which only costs time
         # without gradients (and warns when reentrant). TRL toggles checkpointing instead, which re-registers the
         # input-embedding hooks on every call.
         cache = self._prefix_cache
         capture = cache.capturing(inputs["input_ids"], inputs["attention_mask"]) if cache else nullcontext()
-        with torch.no_grad(), peft_model.disable_adapter(), _eval_mode(self.model), self.accelerator.autocast():
+        with torch.no_grad(), peft_model.disable_adapter(), _eval_mode(model), self.accelerator.autocast():
             with capture:  # the reference pass sees the unsteered prefix: keep it
-                logps = self._forward_logps(self.model, inputs)
+                logps = self._forward_logps(model, inputs)
         return logps.float().chunk(2, dim=0)
 
     def _completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor], multiplier) -> torch.Tensor:
@@ -430,8 +433,14 @@ class SteerTrainer(DPOTrainer):
     def save_epoch_vectors(self, epoch: int) -> str:
         """Save the steering adapter to ``output_dir/vectors/epoch-<epoch>`` (main process only); return the path."""
         path = os.path.join(self.args.output_dir, "vectors", f"epoch-{epoch}")
-        if self.args.should_save:
-            self.accelerator.unwrap_model(self.model).save_pretrained(path, selected_adapters=[self.adapter_name])
+        peft_model = self.accelerator.unwrap_model(self.model)
+        # Under FSDP / ZeRO-3 each rank holds a shard of the vector: every rank takes part in gathering it.
+        own = {id(vector) for vector in self.steering_model.vectors_of(self.adapter_name).values()}
+        names, vectors = zip(*[(name, p) for name, p in peft_model.named_parameters() if id(p) in own])
+        with gathered(list(vectors)) as whole:
+            state_dict = dict(zip(names, whole))
+            if self.args.should_save:
+                peft_model.save_pretrained(path, selected_adapters=[self.adapter_name], state_dict=state_dict)
         return path
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
@@ -460,6 +469,38 @@ class _SteerCallback(TrainerCallback):
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _no_ref_adapter(model: PeftModel, adapter_name: str):
+    """Stop `DPOTrainer.__init__` from building a "ref" adapter, for the time of that call only.
+
+    Given a PeftModel and no `ref_model`, TRL reads ``model.peft_config["default"]``, adds an adapter "ref" with that
+    config and copies every parameter named ".default." into its ".ref." twin. For BiPO that copy would be a steered
+    reference, it fails on the parameters of a LoRA underneath (they have no ".ref." twin), and a second model given
+    as `ref_model` instead would be prepared (and, under FSDP or DeepSpeed, sharded) a second time. Here "default"
+    names the trained adapter, adding "ref" does nothing and each ".ref." parameter is its ".default." original, so
+    TRL's copy writes every parameter onto itself. The instance attributes are removed afterwards.
+    """
+    configs = model.peft_config
+    alias = "default" not in configs
+    if alias:
+        configs["default"] = configs[adapter_name]
+    add_adapter, get_parameter = model.add_adapter, model.get_parameter
+
+    def add_adapter_except_ref(name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name == "ref" else add_adapter(name, *args, **kwargs)
+
+    def original_of_ref(target: str) -> nn.Parameter:
+        return get_parameter(target.replace(".ref.", ".default."))
+
+    model.add_adapter, model.get_parameter = add_adapter_except_ref, original_of_ref
+    try:
+        yield
+    finally:
+        del model.add_adapter, model.get_parameter  # the class's methods again
+        if alias:
+            del configs["default"]
 
 
 @contextmanager

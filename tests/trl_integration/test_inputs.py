@@ -112,6 +112,11 @@ BAD_STARTS = {
         ValueError,
         r"is_trainable=True",
     ),
+    "FSDP1": (
+        lambda tmp: dict(args=fast_args(tmp, fsdp="full_shard", fsdp_config={"version": 1})),
+        NotImplementedError,
+        r"SteerTrainer supports FSDP2, not FSDP1: set fsdp_config=\{'version': 2\}",
+    ),
     "DPOConfig": (
         lambda tmp: dict(args=DPOConfig(output_dir=str(tmp / "out"), use_cpu=True, report_to="none")),
         TypeError,

@@ -117,6 +117,19 @@ def test_reference_is_the_same_model_with_steering_disabled(tmp_path, tokenizer,
     assert (steered - expected).abs().max() > 1.0
 
 
+def test_adapter_of_any_name_trains_without_a_ref_adapter(tmp_path, tokenizer, pairs):
+    # TRL looks up an adapter named "default" to copy into a "ref" adapter; the trainer stops that for the time of
+    # DPOTrainer.__init__ and leaves the model as it was.
+    model = get_peft_model(make_model("llama"), SteeringConfig(layers=[BLOCK]), adapter_name="persona")
+    trainer = SteerTrainer(
+        model=model, args=fast_args(tmp_path, max_steps=2), train_dataset=pairs, processing_class=tokenizer
+    )
+    assert trainer.adapter_name == "persona" and list(model.peft_config) == ["persona"]
+    assert "add_adapter" not in vars(model) and "get_parameter" not in vars(model)
+    trainer.train()
+    assert peft_steer.get_vectors(model, "persona")[BLOCK].abs().max() > 1e-3
+
+
 def test_precompute_ref_log_probs_gives_the_same_reference(tmp_path, tokenizer, pairs):
     peft_config = SteeringConfig(layers=[BLOCK], init="random")  # a non-zero start: steering would show
     trainer = SteerTrainer(

@@ -1,0 +1,101 @@
+"""FSDP2 and DeepSpeed ZeRO-3: the steering adapter on a sharded model, and SteerTrainer's checks of the engine.
+
+`accelerate` starts FSDP and DeepSpeed only on accelerators, so the engines are driven directly here, on 2 CPU
+processes with gloo (`sharded_worker.py`): logits, the vector's gradient, an optimizer step, gathering the vector
+and saving the adapter are compared with an unsharded copy of the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peft_steer.io import read_adapter
+from tests.trl_integration.conftest import fast_args
+from trl_integration.sharding import check_sharding, sharding_engine
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def _run_worker(engine: str, dtype: str, output_dir: str) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [os.path.join(HERE, "sharded_worker.py"), engine, dtype, output_dir]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = []
+    for rank in range(2):
+        with open(os.path.join(output_dir, f"rank{rank}.json")) as file:
+            ranks.append(json.load(file))
+    return ranks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sharded_adapter_matches_the_unsharded_one(engine, dtype, tmp_path):
+    if engine == "zero3":
+        pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
+    ranks = _run_worker(engine, dtype, str(tmp_path))
+    bf16_zero3 = engine == "zero3" and dtype == "bfloat16"  # DeepSpeed reduces bf16 gradients in bf16
+    for result in ranks:
+        assert result["world_size"] == 2
+        # The block's hook reads the whole vector while the blocks are sharded: the same logits, bit for bit.
+        assert result["unsteered"] == 0.0 and result["steered"] == 0.0
+        assert result["steering_moves_logits"] > 0.1
+        # The gradient of the vector is the mean of the ranks' gradients, as data parallelism asks.
+        assert result["grad"] <= (1e-2 if bf16_zero3 else 1e-6) * result["grad_size"]
+        # After one AdamW step every rank gathers the whole float32 vector, equal to the unsharded update.
+        assert result["shape"] == [32]
+        assert result["moved"] > 5e-3 and result["updated"] < 1e-6
+    vector = torch.load(tmp_path / "vector.pt", weights_only=True)["vector"]
+    config, saved = read_adapter(str(tmp_path / "adapter"))
+    assert config.layers == [1]
+    # Saved from the engine's full state dict (what Trainer.save_model hands save_pretrained). ZeRO-3 in bf16
+    # consolidates a bf16 copy of the model, so the saved vector is the float32 one rounded to bf16.
+    if bf16_zero3:
+        assert saved[1].dtype == torch.bfloat16
+        torch.testing.assert_close(saved[1], vector.to(torch.bfloat16), atol=0, rtol=0)
+    else:
+        assert saved[1].dtype == torch.float32 and torch.equal(saved[1], vector)
+
+
+def test_engine_is_read_from_arguments_and_from_accelerate_launch(monkeypatch, tmp_path):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert sharding_engine(fast_args(tmp_path)) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert sharding_engine(fast_args(tmp_path)) == "FSDP"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert sharding_engine(fast_args(tmp_path)) == "DeepSpeed"
+
+
+@pytest.mark.parametrize(("version", "refused"), [("1", True), ("2", False)])
+def test_fsdp1_from_accelerate_config_is_refused(monkeypatch, tmp_path, version, refused):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", version)
+    if refused:
+        with pytest.raises(NotImplementedError, match="fsdp_version: 2 in the accelerate config"):
+            check_sharding(fast_args(tmp_path))
+    else:
+        check_sharding(fast_args(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero3"])
+def test_accelerate_configs_load_and_ask_for_what_the_trainer_supports(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    config = load_config_from_file(os.path.join(ROOT, "examples", "accelerate", f"{name}.yaml"))
+    assert config.num_processes == 2
+    if name == "fsdp":
+        assert config.distributed_type == DistributedType.FSDP and config.fsdp_config["fsdp_version"] == 2
+    if name == "zero3":
+        assert config.distributed_type == DistributedType.DEEPSPEED
+        assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"]
