@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py                      # CPU: Llama-shaped, 32 blocks, hidden 256, block 15
     python benchmarks/train_speed.py --preset llama-2-7b --dtype bfloat16 --steps 20   # on an accelerator
+    python benchmarks/train_speed.py --preset cpu-wide --batch 1 --steps 3 --pairs 8   # memory, weights dominating
 
   a. the official-style loop: TRL's DPOTrainer with a separate full reference model (a second copy) and a learnable
      vector on block L; policy and reference forward at every step (the direction d is applied by swapping chosen
@@ -32,6 +33,8 @@ import time
 
 PRESETS = {
     "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=32, num_attention_heads=4, vocab=2000),
+    # 1.6 GB of fp32 weights: with --batch 1 the weights, not the activations, dominate memory, as on a 7B model
+    "cpu-wide": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=32, num_attention_heads=8, vocab=2000),
     "llama-2-7b": dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab=32000
     ),
