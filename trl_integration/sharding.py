@@ -4,11 +4,12 @@ A steering vector is one small parameter owned by the `SteeringModel`, outside t
 of block L. The engines handle it as follows (checked in `tests/trl_integration/test_sharding.py` on 2 CPU processes,
 on the engines themselves, since `accelerate` starts FSDP and DeepSpeed only on accelerators):
 
-- FSDP2 (`fully_shard`): the vector belongs to the root group, which is gathered for the whole forward, so the
+- FSDP2 (`fully_shard`): the vector belongs to the root unit, which is gathered for the whole forward, so the
   hook sees it whole; it is a `DTensor` outside the forward. FSDP1 is refused: it flattens each unit's parameters
   into one tensor of one dtype, which the float32 vector on a bf16 model breaks, and it cannot run on a CPU to test.
-- DeepSpeed ZeRO-3: the vector is partitioned like any parameter and gathered on use; registering it as an
-  external parameter of block L makes that explicit, as DeepSpeed asks for parameters used outside their module.
+- DeepSpeed ZeRO-3: a vector below `stage3_param_persistence_threshold` (10 x hidden size by default) stays whole on
+  every rank. A partitioned one is gathered only with the module that owns it, and the `ParameterDict` holding it
+  never runs a forward: registered as an external parameter of block L, it is gathered for that block.
 """
 
 from __future__ import annotations
@@ -60,16 +61,15 @@ def register_with_zero3(blocks: nn.ModuleList, vectors: nn.ParameterDict) -> Non
 
 @contextmanager
 def gathered(parameters: list[nn.Parameter]) -> Iterator[list[torch.Tensor]]:
-    """Whole copies of ``parameters`` on every rank, however they are sharded (a collective: call on every rank).
+    """Whole copies of ``parameters`` on every rank, however they are sharded (a collective: call it on every rank).
 
-    FSDP2 parameters are `DTensor` s. ZeRO-3 parameters are partitioned; a trained one is read from the optimizer's
-    float32 master copy (under bf16 the parameter itself is a bf16 copy of it), others are gathered as they are.
+    FSDP2 parameters are `DTensor` s. Under DeepSpeed (ZeRO-3 partitions, and in bf16 every stage keeps the weights
+    in bf16) a trained parameter is read from the optimizer's float32 master copy; one without it is gathered as it is.
     """
+    masters = [_deepspeed_master(parameter) for parameter in parameters]
     if any(hasattr(parameter, "ds_id") for parameter in parameters):
         import deepspeed
-        from deepspeed.utils import safe_get_full_fp32_param
 
-        masters = [safe_get_full_fp32_param(parameter) for parameter in parameters]
         with deepspeed.zero.GatheredParameters(parameters):
             yield [
                 master if master is not None else parameter.detach().clone()
@@ -77,6 +77,23 @@ def gathered(parameters: list[nn.Parameter]) -> Iterator[list[torch.Tensor]]:
             ]
         return
     yield [
-        parameter.full_tensor().detach() if hasattr(parameter, "full_tensor") else parameter.detach()
-        for parameter in parameters
+        master
+        if master is not None
+        else parameter.full_tensor().detach()
+        if hasattr(parameter, "full_tensor")
+        else parameter.detach()
+        for master, parameter in zip(masters, parameters)
     ]
+
+
+def _deepspeed_master(parameter: nn.Parameter) -> torch.Tensor | None:
+    """The float32 master copy DeepSpeed's optimizer keeps of ``parameter`` (ZeRO-3: ``ds_id``; ZeRO-1/2 in bf16:
+    ``_hp_mapping``), or ``None`` for a parameter DeepSpeed does not manage or no optimizer holds."""
+    if not hasattr(parameter, "ds_id") and getattr(parameter, "_hp_mapping", None) is None:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    try:
+        return safe_get_full_fp32_param(parameter)
+    except AttributeError:  # ZeRO-3 without an optimizer (an inference engine): no master copy
+        return None

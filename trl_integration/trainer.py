@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import DPOTrainer
-from trl.models import prepare_deepspeed
 
 import peft_steer
 from peft_steer import SteeringConfig, SteeringModel
@@ -120,6 +119,12 @@ class SteerTrainer(DPOTrainer):
                 "trl_integration.SteerConfig(...), which accepts every DPOConfig option."
             )
         check_sharding(args)
+        engine = sharding_engine(args)
+        if engine is not None and args.precompute_ref_log_probs:
+            # Before `train()` the model is neither on the devices nor sharded (FSDP keeps it on the CPU; ZeRO-3
+            # would need a second, inference engine): the reference pass runs inside each step instead.
+            logger.warning("%s: precompute_ref_log_probs turned off; the reference runs at every step.", engine)
+            args.precompute_ref_log_probs = False
         if compute_metrics is not None:
             raise ValueError("SteerTrainer(compute_metrics=...) is not supported: evaluation reports the BiPO metrics.")
         if peft_config is not None and not isinstance(peft_config, SteeringConfig):
@@ -174,11 +179,10 @@ class SteerTrainer(DPOTrainer):
         self._prefix_block = min(tuner.peft_config[self.adapter_name].layers)
         self._prefix_hidden = tuner.peft_config[self.adapter_name].hidden_size
         self._prefix_model = model.get_base_model()
-        engine = sharding_engine(args)
         if args.prefix_cache == "off":
             self._prefix_off_reason: str | None = "prefix_cache='off'"
         elif engine is not None:
-            self._prefix_off_reason = f"{engine} shards the blocks, and replaying blocks 0..L on them is not verified"
+            self._prefix_off_reason = f"replaying blocks 0..L under {engine} is not verified"
         else:
             self._prefix_off_reason = fallback_reason(model.get_base_model(), self._prefix_block)
 
@@ -197,7 +201,8 @@ class SteerTrainer(DPOTrainer):
                 optimizers=optimizers,
             )
 
-        # The vectors stay fp32 whatever the model's dtype (bf16 loses small updates: 10 + 1e-2 == 10).
+        # The vectors stay fp32 whatever the model's dtype (bf16 loses small updates: 10 + 1e-2 == 10). DeepSpeed in
+        # bf16 casts them with the model, and its optimizer keeps the float32 master copy instead.
         tuner._cast_adapter_dtype(self.adapter_name)
         peft_steer.set_vectors(model, initial_vectors, self.adapter_name)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
@@ -280,20 +285,13 @@ class SteerTrainer(DPOTrainer):
                 "pass a datasets.Dataset or set precompute_ref_log_probs=False."
             )
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-        model = self.model
-        if self.is_deepspeed_enabled:
-            # This runs before `train()` prepares the model: under ZeRO-3 its weights are still partitioned (TRL
-            # does the same). An inference engine gathers them; it is built once and kept for later evaluations.
-            if getattr(self, "_precompute_engine", None) is None:
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            model = self._precompute_engine
         chosen, rejected = [], []
         for batch in tqdm(
             self.accelerator.prepare(loader),
             desc=f"Reference log-probs of the {name} dataset",
             disable=not self.is_local_process_zero() or self.args.disable_tqdm,
         ):
-            batch_chosen, batch_rejected = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            batch_chosen, batch_rejected = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(None, batch))
             chosen.append(batch_chosen.cpu())
             rejected.append(batch_rejected.cpu())
         dataset = dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())

@@ -1,6 +1,9 @@
 """Run by test_ddp.py under `accelerate launch --num_processes 2 --cpu`: trains a tiny vector, saves each rank's copy.
 
-Usage: ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE
+Usage: ddp_train.py OUTPUT_DIR PER_DEVICE_BATCH_SIZE [live-reference]
+
+With "live-reference" the reference log-probs are computed inside every step (through the DDP-wrapped model), a
+held-out set is evaluated after each epoch, and each epoch's vector is saved.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ from trl_integration import SteerTrainer  # noqa: E402
 
 def main() -> None:
     output_dir, batch_size = sys.argv[1], int(sys.argv[2])
+    live = sys.argv[3:] == ["live-reference"]
+    extra = dict(precompute_ref_log_probs=False, save_vectors_per_epoch=True, eval_strategy="epoch") if live else {}
     # the shared fast settings; output_dir is the folder the test reads each rank's vector from
     args = fast_args(
-        None, output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=5e-2, max_steps=4
+        None, output_dir=output_dir, per_device_train_batch_size=batch_size, learning_rate=5e-2, max_steps=4, **extra
     )
     trainer = SteerTrainer(
         model=make_model("llama"),
         args=args,
         train_dataset=Dataset.from_list(bipo_rows(QUESTIONS[:8])),
+        eval_dataset=Dataset.from_list(bipo_rows(QUESTIONS[8:12])) if live else None,
         processing_class=make_tokenizer(),
         peft_config=SteeringConfig(layers=[1]),
     )
@@ -40,7 +46,9 @@ def main() -> None:
     save_file({"vector": vector}, os.path.join(output_dir, f"rank{rank}.safetensors"))
     directions = [entry["direction"] for entry in trainer.state.log_history if "direction" in entry]
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
-        json.dump({"world_size": trainer.accelerator.num_processes, "directions": directions}, file)
+        evaluations = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+        info = {"world_size": trainer.accelerator.num_processes, "directions": directions, "eval_losses": evaluations}
+        json.dump(info, file)
 
 
 if __name__ == "__main__":

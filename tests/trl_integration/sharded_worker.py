@@ -1,7 +1,7 @@
 """Run by test_sharding.py under `torchrun --nproc_per_node 2` (gloo on CPU): a steering adapter on a model sharded
-by FSDP2 or DeepSpeed ZeRO-3, compared on every rank with the same adapter on an unsharded copy.
+by FSDP2 or DeepSpeed ZeRO-2 / ZeRO-3, compared on every rank with the same adapter on an unsharded copy.
 
-Usage: sharded_worker.py fsdp2|zero3 float32|bfloat16 OUTPUT_DIR
+Usage: sharded_worker.py fsdp2|zero2|zero3 float32|bfloat16 OUTPUT_DIR
 
 Each rank writes rank<N>.json with the largest differences it measured; rank 0 also saves the adapter the way
 `Trainer.save_model` does under that engine (a full state dict handed to `save_pretrained`).
@@ -45,7 +45,7 @@ def largest(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     engine_name, dtype, output_dir = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
-    if engine_name == "zero3":
+    if engine_name.startswith("zero"):
         import deepspeed
 
         deepspeed.init_distributed("gloo")
@@ -70,14 +70,17 @@ def main() -> None:
         config = {
             "train_micro_batch_size_per_gpu": 2,
             "bf16": {"enabled": dtype == torch.bfloat16},
-            # threshold 0: the vector is partitioned too, not kept whole on every rank as small parameters are
-            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            # threshold 0: under ZeRO-3 the vector is partitioned too, not kept whole on every rank as small
+            # parameters are
+            "zero_optimization": {"stage": int(engine_name[-1]), "stage3_param_persistence_threshold": 0},
             "optimizer": {"type": "AdamW", "params": {"lr": LEARNING_RATE, "weight_decay": 0.01, "torch_adam": True}},
         }
         if dtype == torch.bfloat16:  # DeepSpeed's bf16 mode casts the whole model, the vector too
             peft_steer.set_vectors(reference, {BLOCK: vector.detach().to(dtype).float()})
         runner, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=[vector], config=config)
-        register_with_zero3(model.get_base_model().model.layers, peft_steer.steering_model(model).vectors_of("default"))
+        if engine_name == "zero3":
+            vectors = peft_steer.steering_model(model).vectors_of("default")
+            register_with_zero3(model.get_base_model().model.layers, vectors)
 
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(rank))  # each rank its own batch
     result: dict[str, float | list[int]] = {"world_size": dist.get_world_size()}
@@ -124,8 +127,10 @@ def main() -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
+    elif engine_name == "zero3":
         state_dict = runner._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = runner.module.state_dict()  # ZeRO-2 keeps every weight whole (in bf16 under bf16)
     if rank == 0:
         model.save_pretrained(os.path.join(output_dir, "adapter"), state_dict=state_dict)
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:

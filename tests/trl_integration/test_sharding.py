@@ -1,4 +1,4 @@
-"""FSDP2 and DeepSpeed ZeRO-3: the steering adapter on a sharded model, and SteerTrainer's checks of the engine.
+"""FSDP2 and DeepSpeed ZeRO-2 / ZeRO-3: the steering adapter on a sharded model; SteerTrainer's engine checks.
 
 `accelerate` starts FSDP and DeepSpeed only on accelerators, so the engines are driven directly here, on 2 CPU
 processes with gloo (`sharded_worker.py`): logits, the vector's gradient, an optimizer step, gathering the vector
@@ -8,6 +8,7 @@ and saving the adapter are compared with an unsharded copy of the same model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,8 +16,12 @@ import sys
 import pytest
 import torch
 
+import peft_steer
+from peft_steer import SteeringConfig
 from peft_steer.io import read_adapter
+from tests.conftest import make_model
 from tests.trl_integration.conftest import fast_args
+from trl_integration import SteerTrainer
 from trl_integration.sharding import check_sharding, sharding_engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,28 +43,28 @@ def _run_worker(engine: str, dtype: str, output_dir: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
 def test_sharded_adapter_matches_the_unsharded_one(engine, dtype, tmp_path):
-    if engine == "zero3":
+    if engine.startswith("zero"):
         pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
     ranks = _run_worker(engine, dtype, str(tmp_path))
-    bf16_zero3 = engine == "zero3" and dtype == "bfloat16"  # DeepSpeed reduces bf16 gradients in bf16
+    bf16_deepspeed = engine.startswith("zero") and dtype == "bfloat16"  # DeepSpeed reduces bf16 gradients in bf16
     for result in ranks:
         assert result["world_size"] == 2
         # The block's hook reads the whole vector while the blocks are sharded: the same logits, bit for bit.
         assert result["unsteered"] == 0.0 and result["steered"] == 0.0
         assert result["steering_moves_logits"] > 0.1
         # The gradient of the vector is the mean of the ranks' gradients, as data parallelism asks.
-        assert result["grad"] <= (1e-2 if bf16_zero3 else 1e-6) * result["grad_size"]
+        assert result["grad"] <= (1e-2 if bf16_deepspeed else 1e-6) * result["grad_size"]
         # After one AdamW step every rank gathers the whole float32 vector, equal to the unsharded update.
         assert result["shape"] == [32]
         assert result["moved"] > 5e-3 and result["updated"] < 1e-6
     vector = torch.load(tmp_path / "vector.pt", weights_only=True)["vector"]
     config, saved = read_adapter(str(tmp_path / "adapter"))
     assert config.layers == [1]
-    # Saved from the engine's full state dict (what Trainer.save_model hands save_pretrained). ZeRO-3 in bf16
-    # consolidates a bf16 copy of the model, so the saved vector is the float32 one rounded to bf16.
-    if bf16_zero3:
+    # Saved from the engine's full state dict (what Trainer.save_model hands save_pretrained). DeepSpeed in bf16 holds
+    # the model in bf16, so the saved vector is the float32 master copy rounded to bf16.
+    if bf16_deepspeed:
         assert saved[1].dtype == torch.bfloat16
         torch.testing.assert_close(saved[1], vector.to(torch.bfloat16), atol=0, rtol=0)
     else:
@@ -99,3 +104,25 @@ def test_accelerate_configs_load_and_ask_for_what_the_trainer_supports(name):
     if name == "zero3":
         assert config.distributed_type == DistributedType.DEEPSPEED
         assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"]
+
+
+def test_under_a_sharding_engine_the_reference_runs_in_each_step(monkeypatch, tmp_path, tokenizer, pairs, caplog):
+    # What `accelerate launch --config_file examples/accelerate/fsdp.yaml` sets. Before train() the model is not yet
+    # on the devices (FSDP) or is partitioned (ZeRO-3), so neither the reference log-probs nor the prefix cache are
+    # computed up front; on this CPU accelerate then runs one plain process, which trains normally.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+        trainer = SteerTrainer(
+            model=make_model("llama"),
+            args=fast_args(tmp_path, max_steps=2),
+            train_dataset=pairs,
+            processing_class=tokenizer,
+            peft_config=SteeringConfig(layers=[1]),
+        )
+    assert trainer.args.precompute_ref_log_probs is False and trainer._prefix_cache is None
+    assert "FSDP: precompute_ref_log_probs turned off" in caplog.text
+    assert "replaying blocks 0..L under FSDP is not verified" in caplog.text
+    assert "ref_chosen_logps" not in trainer.train_dataset.column_names
+    trainer.train()
+    assert peft_steer.get_vectors(trainer.model)[1].abs().max() > 1e-3
