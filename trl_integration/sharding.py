@@ -25,7 +25,8 @@ from torch import nn
 
 
 def sharding_engine(args: Any) -> str | None:
-    """ "FSDP", "DeepSpeed" or ``None``: from the training arguments, or the variables `accelerate launch` sets."""
+    """The engine that shards this run, "FSDP" or "DeepSpeed", or ``None``: from the training arguments, or from the
+    variables `accelerate launch` sets from its config file."""
     if getattr(args, "deepspeed", None) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed"
     if getattr(args, "fsdp", None) or parse_flag_from_env("ACCELERATE_USE_FSDP"):

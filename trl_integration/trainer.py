@@ -429,7 +429,10 @@ class SteerTrainer(DPOTrainer):
     # ---- saving ------------------------------------------------------------------------------------------------
 
     def save_epoch_vectors(self, epoch: int) -> str:
-        """Save the steering adapter to ``output_dir/vectors/epoch-<epoch>`` (main process only); return the path."""
+        """Save the steering adapter to ``output_dir/vectors/epoch-<epoch>``; return the path.
+
+        Called on every rank (the vector is gathered from its shards under FSDP / ZeRO-3); the main process writes.
+        """
         path = os.path.join(self.args.output_dir, "vectors", f"epoch-{epoch}")
         peft_model = self.accelerator.unwrap_model(self.model)
         # Under FSDP / ZeRO-3 each rank holds a shard of the vector: every rank takes part in gathering it.
