@@ -94,6 +94,8 @@ def main() -> None:
         for multiplier, preference in scores.items() if trainer.accelerator.is_main_process else ():
             print(f"multiplier {multiplier:+.0f}: answer preference {preference.score:.3f} "
                   f"(mean log-prob margin {preference.margin:+.2f}) on {preference.n} test pairs")  # fmt: skip
+    # Destroys the process group of a multi-process launch; without it Gloo can abort the process at exit.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -200,5 +200,7 @@ def run_train(args: argparse.Namespace) -> None:
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(output_dir)
+    # Destroys the process group of a multi-process launch; without it Gloo can abort the process at exit.
+    trainer.accelerator.end_training()
     print(f"Saved the steering adapter (block {layer}) to {os.path.abspath(output_dir)}")
     print(f"One vector per epoch: {os.path.join(os.path.abspath(output_dir), 'vectors')}")

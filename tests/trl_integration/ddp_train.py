@@ -49,6 +49,9 @@ def main() -> None:
         evaluations = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
         info = {"world_size": trainer.accelerator.num_processes, "directions": directions, "eval_losses": evaluations}
         json.dump(info, file)
+    # Gloo's worker threads outlive an undestroyed process group and abort the process at exit (SIGABRT,
+    # "terminate called without an active exception"; pytorch/pytorch#190489), which fails the launch.
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
