@@ -8,15 +8,17 @@
      vector on block L; policy and reference forward at every step (the direction d is applied by swapping chosen
      and rejected and steering with d * v, which is the BiPO loss);
   b. SteerTrainer with both caches off (reference forward at every step, whole model every step);
-  c. SteerTrainer with its defaults (reference log-probs once, prefix-activation cache);
+  c. SteerTrainer with its defaults (reference log-probs once, prefix-activation cache, blocks 0..L offloaded while
+     training: to host memory from an accelerator, to a temporary file from the CPU);
   ideal. one forward + backward through blocks L+1..N, the norm and the head on the same tokens, nothing else.
 
 Each runs in its own process (so that peak memory is its own) on the same pairs, for the same steps. Reported:
-pairs/s of the training loop, the one-time precompute of c, peak memory (accelerator: max allocated; CPU: peak RSS
-above the process's RSS before the model was built, which also counts the allocator's and libraries' own), the model
-state each run holds (its models' tensors plus the prefix cache), the ratios c/a and c/b, c's step time as a
-multiple of the ideal, and the largest relative difference between the vectors trained by a, b and c. Random
-weights: timing only.
+pairs/s of the training loop (from the Trainer's `on_train_begin` to its `on_train_end`), c's one-time work (the
+precompute, and in `train()` the offload and restore around the loop), peak memory over the whole run (accelerator:
+max allocated; CPU: peak RSS above the process's RSS before the model was built, which also counts the allocator's
+and libraries' own), the model state held during training (its models' tensors plus the prefix cache, the largest at
+the end of a step), the ratios c/a and c/b, c's step time as a multiple of the ideal, and the largest relative
+difference between the vectors trained by a, b and c. Random weights: timing only.
 """
 
 from __future__ import annotations
@@ -44,6 +46,42 @@ PRESETS = {
 def rss_bytes() -> int:
     with open("/proc/self/statm") as file:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def held_bytes(model, reference, cache) -> int:
+    """The model state a run holds: every distinct tensor of its models, plus the prefix cache."""
+    held = {}
+    for holder in (model, reference):
+        for tensor in list(holder.parameters()) + list(holder.buffers()) if holder is not None else []:
+            held[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(held.values()) + (cache.nbytes if cache is not None else 0)
+
+
+def training_loop_probe(model, reference, cache):
+    """A callback that times the training loop (from its first step to its last) and measures `held_bytes` at the end
+    of each step. The loop excludes `train()`'s one-time work around it, such as c's offload and restore of blocks
+    0..L, which is reported on its own."""
+    from transformers import TrainerCallback
+
+    class Probe(TrainerCallback):
+        def __init__(self) -> None:
+            self.held: list[int] = []
+            self.begin = self.end = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.held.append(held_bytes(model, reference, cache))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.end = time.perf_counter()
+
+    import torch
+
+    return Probe()
 
 
 def run_variant(variant: str, options: dict) -> dict:
@@ -174,22 +212,21 @@ def run_variant(variant: str, options: dict) -> dict:
         elapsed = time.perf_counter() - start
         result = {"train_seconds": elapsed}
     else:
+        probe = training_loop_probe(
+            model, reference if variant == "a" else None, getattr(trainer, "_prefix_cache", None)
+        )
+        trainer.add_callback(probe)
         start = time.perf_counter()
         trainer.train()
         if device == "cuda":
             torch.cuda.synchronize()
-        result = {"train_seconds": time.perf_counter() - start}
+        result = {"train_seconds": probe.end - probe.begin}
+        result["around_loop_seconds"] = time.perf_counter() - start - result["train_seconds"]
         if variant == "c":
             result["setup_seconds"] = setup
         result["vector"] = peft_steer.get_vectors(model)[layer].tolist()
     result["pairs_per_second"] = options["steps"] * options["batch"] / result["train_seconds"]
-    # Model state the run holds: every distinct tensor of its models, plus the prefix cache.
-    held = {}
-    for holder in (model, getattr(trainer, "ref_model", None), reference if variant == "a" else None):
-        for tensor in list(holder.parameters()) + list(holder.buffers()) if holder is not None else []:
-            held[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-    cache = getattr(trainer, "_prefix_cache", None) if variant != "ideal" else cache
-    result["held_bytes"] = sum(held.values()) + (cache.nbytes if cache is not None else 0)
+    result["held_bytes"] = max(probe.held) if variant != "ideal" else held_bytes(model, None, cache)
     if device == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
@@ -253,9 +290,11 @@ def main() -> None:
         figures = f"{results[v]['pairs_per_second']:>10.2f}{step[v]:>10.3f}{results[v]['peak_bytes'] / mib:>10.0f}"
         figures += f"{results[v]['held_bytes'] / mib:>10.0f}"
         print(f"{names[v]:<44}{figures}")
+    around = {v: results[v]["around_loop_seconds"] for v in ("a", "c")}
     print(
-        f"c's one-time precompute (reference log-probs + prefix cache, {args.pairs} pairs): "
-        f"{results['c']['setup_seconds']:.1f} s"
+        f"c's one-time work: precompute (reference log-probs + prefix cache, {args.pairs} pairs) "
+        f"{results['c']['setup_seconds']:.1f} s; in train() around the loop (offload and restore of blocks "
+        f"0..{args.layer}) {around['c']:.1f} s, against {around['a']:.1f} s for a"
     )
     print(
         f"ratio c/a pairs/s: {results['c']['pairs_per_second'] / results['a']['pairs_per_second']:.2f}x (target >= 2.2)"

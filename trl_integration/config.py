@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from .prefix_cache import STORAGES
+from .prefix_offload import DESTINATIONS
 
 DIRECTION_SAMPLING = ("random", "antithetic", "positive")
 
@@ -103,7 +104,22 @@ class SteerConfig(DPOConfig):
         },
     )
     prefix_cache_dir: str | None = field(
-        default=None, metadata={"help": "Folder of the cache file when prefix_cache='disk' (default: a temp folder)."}
+        default=None,
+        metadata={
+            "help": "Folder of the cache file when prefix_cache='disk', and of the blocks offloaded to disk "
+            "(default: a temp folder)."
+        },
+    )
+    offload_prefix_blocks: str = field(
+        default="auto",
+        metadata={
+            "help": "When the prefix cache holds every sequence (it is filled by the reference pass of "
+            "precompute_ref_log_probs), training never runs blocks 0..L: for the time of `train()` their weights "
+            "leave the model's device. 'auto' (host memory from an accelerator, a file in prefix_cache_dir from host "
+            "memory), 'cpu', 'disk', or 'off'. They come back after training, or with a logged warning before any "
+            "forward that needs them.",
+            "choices": list(DESTINATIONS),
+        },
     )
 
     def __post_init__(self) -> None:
@@ -120,6 +136,11 @@ class SteerConfig(DPOConfig):
                 )
         if self.prefix_cache not in STORAGES:
             raise ValueError(f"SteerConfig(prefix_cache={self.prefix_cache!r}): choose one of {', '.join(STORAGES)}.")
+        if self.offload_prefix_blocks not in DESTINATIONS:
+            raise ValueError(
+                f"SteerConfig(offload_prefix_blocks={self.offload_prefix_blocks!r}): choose one of "
+                f"{', '.join(DESTINATIONS)}."
+            )
         if self.beta <= 0:
             raise ValueError(f"SteerConfig(beta={self.beta}) must be positive.")
         super().__post_init__()

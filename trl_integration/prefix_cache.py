@@ -67,6 +67,7 @@ class PrefixCache:
         self.storage = storage
         self.entries: dict[bytes, torch.Tensor | tuple[int, int, tuple[int, ...]]] = {}
         self.nbytes = 0
+        self.replaying = False  # True while `replay` stands in for blocks 0..L
         self._file = None
         if storage == "disk":
             os.makedirs(directory or tempfile.gettempdir(), exist_ok=True)
@@ -170,8 +171,10 @@ class PrefixCache:
         try:
             for index, (module, _) in enumerate(replaced):
                 module.forward = cached_output if index == self.block else passthrough
+            self.replaying = True
             yield
         finally:
+            self.replaying = False
             for module, original in replaced:
                 if original is None:
                     del module.forward

@@ -91,6 +91,13 @@ def add_train_command(subparsers: Any) -> None:
         default="auto",
         help="Cache the output of blocks 0..L once per sequence (default auto: accelerator, host memory or disk).",
     )
+    parser.add_argument(
+        "--offload-prefix-blocks",
+        choices=["auto", "cpu", "disk", "off"],
+        default="auto",
+        help="While training from a full prefix cache, move blocks 0..L out of the model's device (default auto: "
+        "host memory from an accelerator, a temporary file from the CPU).",
+    )
     parser.add_argument("--seed", type=int, default=42, help="Seed of data order and directions.")
     parser.add_argument("--save-steps", type=int, default=500, help="Steps between resumable checkpoints.")
     parser.add_argument("--logging-steps", type=int, default=10, help="Steps between log lines.")
@@ -173,6 +180,7 @@ def run_train(args: argparse.Namespace) -> None:
             activation_checkpointing=args.gradient_checkpointing,
             precompute_ref_log_probs=args.precompute_ref_log_probs,
             prefix_cache=args.prefix_cache,
+            offload_prefix_blocks=args.offload_prefix_blocks,
             seed=args.seed,
             save_strategy="steps",
             save_steps=args.save_steps,

@@ -37,6 +37,7 @@ from peft_steer.data import DataError, check_preference_dataset
 
 from .config import SteerConfig
 from .prefix_cache import PrefixCache, choose_storage, estimate_bytes, fallback_reason
+from .prefix_offload import OffloadedBlocks, destination_for
 from .sharding import check_sharding, gathered, register_with_zero3, sharding_engine
 
 logger = logging.getLogger(__name__)
@@ -296,6 +297,66 @@ class SteerTrainer(DPOTrainer):
             rejected.append(batch_rejected.cpu())
         dataset = dataset.add_column("ref_chosen_logps", torch.cat(chosen).tolist())
         return dataset.add_column("ref_rejected_logps", torch.cat(rejected).tolist())
+
+    # ---- training ----------------------------------------------------------------------------------------------
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; blocks 0..L leave the device meanwhile when the prefix cache holds every sequence."""
+        with self._offloaded_prefix_blocks():
+            return super().train(*args, **kwargs)
+
+    @contextmanager
+    def _offloaded_prefix_blocks(self):
+        """Offload blocks 0..L for the time of the block (`SteerConfig.offload_prefix_blocks`), or log why not."""
+        requested = self.args.offload_prefix_blocks
+        device = next(self._prefix_model.parameters()).device
+        destination = destination_for(requested, device)
+        reason = None
+        if self._prefix_cache is None:
+            reason = "the prefix cache is off"
+        elif not self.args.precompute_ref_log_probs:
+            reason = "precompute_ref_log_probs=False, so the prefix cache fills during training and needs them"
+        elif destination is None and requested != "off":
+            reason = "the model is in host memory already"
+        if reason is not None or destination is None:
+            if reason is not None and requested != "off":
+                log = logger.warning if requested != "auto" else logger.info
+                log("Blocks 0..%d stay on %s: %s.", self._prefix_block, device, reason)
+            yield
+            return
+        cache = self._prefix_cache
+        self._complete_prefix_cache()
+        offloaded = OffloadedBlocks(
+            self._prefix_model, self._prefix_block, destination, lambda: cache.replaying, self.args.prefix_cache_dir
+        )
+        offloaded.offload()
+        where = "host memory" if destination == "cpu" else f"a file in {self.args.prefix_cache_dir or 'a temp folder'}"
+        logger.warning(
+            "Blocks 0..%d (%.1f MiB of weights) moved to %s for training: every training sequence is in the prefix "
+            "cache, so no step runs them.", self._prefix_block, offloaded.nbytes / 2**20, where,
+        )  # fmt: skip
+        try:
+            yield
+        finally:
+            offloaded.restore()
+
+    def _complete_prefix_cache(self) -> None:
+        """Cache every train and eval sequence this process has not seen yet, running blocks 0..L only.
+
+        The reference pass saw every sequence in one process; under data parallelism it saw this rank's share only,
+        and the sampler deals the others' shares to it in later epochs.
+        """
+        peft_model = self.accelerator.unwrap_model(self.model)
+        evaluated = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        for dataset in [self.train_dataset, *evaluated]:
+            if dataset is None:
+                continue
+            loader = DataLoader(
+                dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator
+            )
+            for batch in loader:
+                ids, mask = batch["input_ids"].to(self.accelerator.device), batch["attention_mask"]
+                self._prefix_cache.fill(ids, mask.to(ids.device), peft_model.disable_adapter())
 
     # ---- the objective -----------------------------------------------------------------------------------------
 

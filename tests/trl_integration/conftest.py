@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 from datasets.utils.logging import disable_progress_bar
 
+from tests.conftest import make_model
 from trl_integration import SteerConfig
 
 disable_progress_bar()
@@ -57,6 +58,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def no_dropout(arch: str) -> torch.nn.Module:
+    """A tiny model of ``arch`` with every dropout at 0, so that its prefix can be cached in training."""
+    model = make_model(arch)
+    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, 0.0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
 
 
 @pytest.fixture

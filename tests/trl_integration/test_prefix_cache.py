@@ -6,26 +6,14 @@ import logging
 
 import pytest
 import torch
-import transformers
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 
 import peft_steer
 from peft_steer import SteeringConfig
 from tests.conftest import ARCHITECTURES, make_model
-from tests.trl_integration.conftest import QUESTIONS, bipo_rows, collated, fast_args
+from tests.trl_integration.conftest import QUESTIONS, bipo_rows, collated, fast_args, no_dropout
 from trl_integration import SteerTrainer
-
-
-def no_dropout(arch: str) -> transformers.PreTrainedModel:
-    model = make_model(arch)
-    for name in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout"):
-        if hasattr(model.config, name):
-            setattr(model.config, name, 0.0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
 
 
 def trainer_for(tmp_path, tokenizer, cache, arch="llama", layers=(1,), positions="all", **settings):
