@@ -4,7 +4,7 @@ Once the prefix cache holds every sequence the trainer will see, a training step
 their input, and block L its cached output. Their weights, about (L + 1) / N of the model, then only take memory. For
 the time of `train()`, `OffloadedBlocks` moves them to host memory (from an accelerator) or to a file (from host
 memory) and leaves an empty tensor of the same dtype and device in each parameter. The parameter objects themselves
-stay, so nothing that holds them (DDP, a quantization state, the model's `.device` and `.dtype`) notices.
+stay, so nothing that holds them (DDP, the model's `.device` and `.dtype`) notices. Quantized blocks stay.
 
 They come back when training ends, or before any forward that really runs one of these blocks (a sequence that is not
 cached, a reference pass, a `generate` in a callback), with a logged warning.
@@ -37,6 +37,18 @@ def destination_for(requested: str, device: torch.device) -> str | None:
     if requested == "auto":
         return "disk" if device.type == "cpu" else "cpu"
     return requested
+
+
+def offload_blocker(inner_model: nn.Module, block: int) -> str | None:
+    """Why blocks 0..``block`` of this model are not offloaded, or None when they can be."""
+    _, blocks = find_block_list(inner_model)
+    for index, module in enumerate(blocks[: block + 1]):
+        for name, parameter in module.named_parameters():
+            if type(parameter) is not nn.Parameter:
+                # bitsandbytes keeps views of its weights elsewhere (Int8 `state.CB`) and repacks 4-bit weights for
+                # the CPU, which `state_dict()` undoes, so an emptied weight would free nothing or break a save.
+                return f"block {index} holds quantized weights ({name}: {type(parameter).__name__})"
+    return None
 
 
 class OffloadedBlocks:
@@ -82,14 +94,15 @@ class OffloadedBlocks:
         self._hooks: list = []
 
     def offload(self) -> None:
-        """Move the weights out; on any error (a full disk) every weight is still in place."""
+        """Move the weights out. On any error (a full disk) every weight is still in place."""
         if self.active or not self.parameters:
             return
         if self.destination == "disk":
             folder = self.directory or tempfile.gettempdir()
             try:
                 os.makedirs(folder, exist_ok=True)
-                self._file = tempfile.NamedTemporaryFile(prefix="prefix-blocks-", suffix=".bin", dir=folder)
+                # Unlinked from the start: nothing is left behind, even when the process is killed.
+                self._file = tempfile.TemporaryFile(prefix="prefix-blocks-", suffix=".bin", dir=folder)
                 for parameter in self.parameters:
                     # Raw bytes, one tensor at a time: no second copy of the blocks in memory, any dtype, no pickle.
                     data = parameter.data.detach().contiguous().cpu()
@@ -98,42 +111,55 @@ class OffloadedBlocks:
                     raw.tofile(self._file)
                 self._file.flush()
             except OSError as error:
-                if self._file is not None:
-                    self._file.close()
-                self._file, self._layout = None, []
+                self._release()
                 raise OSError(
                     f"Could not write blocks 0..{self.block} ({self.nbytes / 2**20:.1f} MiB) to {folder}: {error}. "
                     "Set SteerConfig(prefix_cache_dir=...) to a folder with room, or offload_prefix_blocks='off'."
                 ) from error
         else:
             self._copies = [parameter.data.detach().to("cpu") for parameter in self.parameters]
-        for parameter in self.parameters:
-            parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+        originals = []
+        try:
+            for parameter in self.parameters:
+                originals.append(parameter.data)
+                parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+        except BaseException:
+            for parameter, data in zip(self.parameters, originals):
+                parameter.data = data
+            self._release()
+            raise
+        del originals
         self._hooks = [module.register_forward_pre_hook(self._needed) for module in self.blocks]
         self.active = True
 
     def restore(self, reason: str | None = None) -> None:
-        """Put every weight back on the device its placeholder is on now."""
+        """Put every weight back on the device its placeholder is on now. The offloaded copy is kept until every
+        weight is back, so a failed restore can be retried."""
         if not self.active:
             return
-        for hook in self._hooks:
-            hook.remove()
         # Not inference tensors, even when a forward under `torch.inference_mode()` asked for the blocks.
         with torch.inference_mode(False), torch.no_grad():
             for index, parameter in enumerate(self.parameters):
-                parameter.data = self._read(index).to(parameter.device)
-        if self._file is not None:
-            self._file.close()  # deletes it
-        self._file, self._layout, self._copies, self._hooks = None, [], [], []
+                if parameter.numel() == 0:
+                    parameter.data = self._read(index).to(parameter.device)
+        for hook in self._hooks:
+            hook.remove()
+        self._release()
         self.active = False
         if reason:
             logger.warning("Blocks 0..%d brought back from %s: %s.", self.block, self.destination, reason)
+
+    def _release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # an unlinked file: closing frees it
+        self._file, self._layout, self._copies, self._hooks = None, [], [], []
 
     def _read(self, index: int) -> torch.Tensor:
         if self.destination == "cpu":
             return self._copies[index]
         offset, size, dtype, shape = self._layout[index]
-        raw = np.fromfile(self._file.name, dtype=np.uint8, count=size, offset=offset)
+        self._file.seek(offset)
+        raw = np.fromfile(self._file, dtype=np.uint8, count=size)
         return torch.from_numpy(raw).view(dtype).view(shape)
 
     def _needed(self, module: nn.Module, args: tuple) -> None:

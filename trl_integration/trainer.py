@@ -37,7 +37,7 @@ from peft_steer.data import DataError, check_preference_dataset
 
 from .config import SteerConfig
 from .prefix_cache import PrefixCache, choose_storage, estimate_bytes, fallback_reason
-from .prefix_offload import OffloadedBlocks, destination_for
+from .prefix_offload import OffloadedBlocks, destination_for, offload_blocker
 from .sharding import check_sharding, gathered, register_with_zero3, sharding_engine
 
 logger = logging.getLogger(__name__)
@@ -311,25 +311,35 @@ class SteerTrainer(DPOTrainer):
         requested = self.args.offload_prefix_blocks
         device = next(self._prefix_model.parameters()).device
         destination = destination_for(requested, device)
-        reason = None
+        offloaded, reason = None, None
         if self._prefix_cache is None:
             reason = "the prefix cache is off"
         elif not self.args.precompute_ref_log_probs:
             reason = "precompute_ref_log_probs=False, so the prefix cache fills during training and needs them"
         elif destination is None and requested != "off":
             reason = "the model is in host memory already"
-        if reason is not None or destination is None:
+        else:
+            reason = offload_blocker(self._prefix_model, self._prefix_block)
+        if reason is None and destination is not None:
+            cache = self._prefix_cache
+            offloaded = OffloadedBlocks(
+                self._prefix_model, self._prefix_block, destination, lambda: cache.replaying, self.args.prefix_cache_dir
+            )
+            reason = self._offload_room(offloaded)
+        if reason is None and offloaded is not None:
+            self._complete_prefix_cache()
+            try:
+                offloaded.offload()
+            except OSError as error:
+                if requested != "auto":
+                    raise
+                offloaded, reason = None, str(error)
+        if offloaded is None:
             if reason is not None and requested != "off":
-                log = logger.warning if requested != "auto" else logger.info
+                log = logger.warning if requested != "auto" or "Could not write" in reason else logger.info
                 log("Blocks 0..%d stay on %s: %s.", self._prefix_block, device, reason)
             yield
             return
-        cache = self._prefix_cache
-        self._complete_prefix_cache()
-        offloaded = OffloadedBlocks(
-            self._prefix_model, self._prefix_block, destination, lambda: cache.replaying, self.args.prefix_cache_dir
-        )
-        offloaded.offload()
         where = "host memory" if destination == "cpu" else f"a file in {self.args.prefix_cache_dir or 'a temp folder'}"
         logger.warning(
             "Blocks 0..%d (%.1f MiB of weights) moved to %s for training: every training sequence is in the prefix "
@@ -340,23 +350,41 @@ class SteerTrainer(DPOTrainer):
         finally:
             offloaded.restore()
 
+    @staticmethod
+    def _offload_room(offloaded: OffloadedBlocks) -> str | None:
+        """Why host memory cannot take the blocks of every process on this machine, or None."""
+        if offloaded.destination != "cpu":
+            return None
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None  # unknown: try
+        needed = processes * offloaded.nbytes
+        if needed > 0.5 * available:
+            return (
+                f"{processes} process(es) x {offloaded.nbytes / 2**30:.1f} GiB would take more than half of the "
+                f"{available / 2**30:.1f} GiB of free host memory (offload_prefix_blocks='disk' writes them to a file)"
+            )
+        return None
+
     def _complete_prefix_cache(self) -> None:
         """Cache every train and eval sequence this process has not seen yet, running blocks 0..L only.
 
         The reference pass saw every sequence in one process; under data parallelism it saw this rank's share only,
-        and the sampler deals the others' shares to it in later epochs.
+        and the sampler deals it the other ranks' sequences too. Same settings as the reference pass (eval mode,
+        autocast), so that a sequence's cached prefix does not depend on which rank computed it.
         """
         peft_model = self.accelerator.unwrap_model(self.model)
         evaluated = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
-        for dataset in [self.train_dataset, *evaluated]:
-            if dataset is None:
-                continue
-            loader = DataLoader(
-                dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator
-            )
-            for batch in loader:
-                ids, mask = batch["input_ids"].to(self.accelerator.device), batch["attention_mask"]
-                self._prefix_cache.fill(ids, mask.to(ids.device), peft_model.disable_adapter())
+        with _eval_mode(peft_model), self.accelerator.autocast():
+            for dataset in [self.train_dataset, *evaluated]:
+                if dataset is None:
+                    continue
+                batch_size = self.args.per_device_train_batch_size
+                for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator):
+                    ids, mask = batch["input_ids"].to(self.accelerator.device), batch["attention_mask"]
+                    self._prefix_cache.fill(ids, mask.to(ids.device), peft_model.disable_adapter())
 
     # ---- the objective -----------------------------------------------------------------------------------------
 
