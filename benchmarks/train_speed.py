@@ -2,7 +2,7 @@
 
     python benchmarks/train_speed.py                      # CPU: Llama-shaped, 32 blocks, hidden 256, block 15
     python benchmarks/train_speed.py --preset llama-2-7b --dtype bfloat16 --steps 20   # on an accelerator
-    python benchmarks/train_speed.py --preset cpu-wide --batch 1 --steps 3 --pairs 8   # memory, weights dominating
+    python benchmarks/train_speed.py --preset cpu-wide --batch 1 --steps 6 --pairs 12  # memory, weights dominating
 
   a. the official-style loop: TRL's DPOTrainer with a separate full reference model (a second copy) and a learnable
      vector on block L; policy and reference forward at every step (the direction d is applied by swapping chosen
