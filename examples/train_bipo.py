@@ -5,6 +5,7 @@
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_bipo.py --model ... --batch-size 2
     accelerate launch --config_file examples/accelerate/fsdp.yaml examples/train_bipo.py --model ... --batch-size 2
     accelerate launch --config_file examples/accelerate/zero3.yaml examples/train_bipo.py --model ... --batch-size 2
+    accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_bipo.py --cpu --model ...  # CPUs
 
 Defaults are the paper's: block 15 and 20 epochs for Llama-2-7b-chat, block 13 and 5 epochs for
 Mistral-7B-Instruct-v0.2, beta 0.1, AdamW lr 5e-4, weight decay 0.05, cosine schedule with 100 warm-up steps,
@@ -38,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--load-in-4bit", action="store_true", help="QLoRA-style 4-bit base (bitsandbytes).")
     parser.add_argument("--bf16", action="store_true", help="Load the model in bf16 (the vector stays fp32).")
     parser.add_argument("--eval-pairs", type=int, default=50, help="Test pairs to score after training (0: none).")
+    parser.add_argument(
+        "--cpu", action="store_true", help="Train on CPUs, also as several processes under accelerate launch (gloo)."
+    )
     return parser.parse_args()
 
 
@@ -66,6 +70,7 @@ def main() -> None:
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         report_to="none",
+        use_cpu=args.cpu,
     )
     load_kwargs = {"dtype": torch.bfloat16 if args.bf16 else torch.float32}
     if args.load_in_4bit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
@@ -60,10 +61,11 @@ class SteerConfig(DPOConfig):
     )
     beta: float = field(default=0.1, metadata={"help": "Scale of the reward margin inside the sigmoid (BiPO: 0.1)."})
     bf16: bool | None = field(
-        default=False,
+        default=None,
         metadata={
-            "help": "bf16 autocast. Off by default: BiPO trains in fp32. To halve memory, load the model in bf16 "
-            "instead; the steering vector stays fp32 either way."
+            "help": "bf16 autocast. Off by default (BiPO trains in fp32), unless `accelerate launch` runs with "
+            "mixed_precision: bf16, which it then follows (DeepSpeed refuses a config that disagrees with it). To "
+            "halve memory, load the model in bf16 instead; the steering vector stays fp32 either way."
         },
     )
     gradient_checkpointing: bool | None = field(
@@ -143,4 +145,6 @@ class SteerConfig(DPOConfig):
             )
         if self.beta <= 0:
             raise ValueError(f"SteerConfig(beta={self.beta}) must be positive.")
+        if self.bf16 is None:  # TRL's default would be True; BiPO's is fp32 unless the launch config asks for bf16
+            self.bf16 = not self.fp16 and os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"
         super().__post_init__()

@@ -1,8 +1,9 @@
 """FSDP and DeepSpeed ZeRO: which engine a run uses, what SteerTrainer supports, and the vector under sharding.
 
 A steering vector is one small parameter owned by the `SteeringModel`, outside the decoder blocks, and read by a hook
-of block L. The engines handle it as follows (checked in `tests/trl_integration/test_sharding.py` on 2 CPU processes,
-on the engines themselves, since `accelerate` starts FSDP and DeepSpeed only on accelerators):
+of block L. The engines handle it as follows (checked on 2 CPU processes: on the engines themselves in
+`tests/trl_integration/test_sharding.py`, and DeepSpeed through `accelerate launch` in `test_accelerate_launch.py`;
+`accelerate` starts FSDP only on accelerators):
 
 - FSDP2 (`fully_shard`): the vector belongs to the root unit, which is gathered for the whole forward, so the
   hook sees it whole; it is a `DTensor` outside the forward. FSDP1 is refused: it flattens each unit's parameters
@@ -14,30 +15,52 @@ on the engines themselves, since `accelerate` starts FSDP and DeepSpeed only on 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import DistributedType, parse_flag_from_env
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def sharding_engine(args: Any) -> str | None:
     """The engine that shards this run, "FSDP" or "DeepSpeed", or ``None``: from the training arguments, or from the
-    variables `accelerate launch` sets from its config file."""
+    variables `accelerate launch` sets from its config file.
+
+    FSDP counts only where accelerate starts it: on processes that run on accelerators. On CPUs accelerate runs an
+    FSDP config as plain data parallelism (every rank holds the whole model), and so does the trainer. DeepSpeed runs
+    on CPUs too (with `use_cpu=True`), as the tests do.
+    """
     if getattr(args, "deepspeed", None) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed"
-    if getattr(args, "fsdp", None) or parse_flag_from_env("ACCELERATE_USE_FSDP"):
+    if (getattr(args, "fsdp", None) or parse_flag_from_env("ACCELERATE_USE_FSDP")) and runs_on_accelerators(args):
         return "FSDP"
     return None
 
 
-def check_sharding(args: Any) -> None:
-    """Refuse FSDP1 with an error that says what to change; FSDP2 and DeepSpeed (any ZeRO stage) pass."""
-    if sharding_engine(args) != "FSDP":
-        return
+def runs_on_accelerators(args: Any) -> bool:
+    """Whether the processes of this run use accelerators, the condition under which accelerate starts FSDP."""
+    args.device  # noqa: B018 (sets up `distributed_state`, as the Trainer would)
+    state = getattr(args, "distributed_state", None)
+    return state is not None and state.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU)
+
+
+def check_sharding(args: Any) -> str | None:
+    """The engine that shards this run (`sharding_engine`), after refusing FSDP1 with an error that says what to
+    change; FSDP2 and DeepSpeed (any ZeRO stage) pass. An FSDP config on CPUs is logged as plain data parallelism."""
+    engine = sharding_engine(args)
+    if engine is None and (getattr(args, "fsdp", None) or parse_flag_from_env("ACCELERATE_USE_FSDP")):
+        logger.warning(
+            "FSDP is configured, but these processes run on CPUs, where accelerate runs plain data parallelism: "
+            "every rank holds the whole model."
+        )
+    if engine != "FSDP":
+        return engine
     plugin_args = getattr(args, "fsdp_plugin_args", None)
     if plugin_args is not None:
         version, where = int(plugin_args.get("fsdp_version", 1)), "fsdp_config={'version': 2}"
@@ -49,6 +72,7 @@ def check_sharding(args: Any) -> None:
             "(examples/accelerate/fsdp.yaml). FSDP1 flattens each unit's parameters into one tensor of one dtype, "
             "and the steering vector stays float32 on a bf16 model."
         )
+    return engine
 
 
 def register_with_zero3(blocks: nn.ModuleList, vectors: nn.ParameterDict) -> None:

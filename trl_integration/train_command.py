@@ -176,7 +176,7 @@ def run_train(args: argparse.Namespace) -> None:
             weight_decay=args.weight_decay,
             direction_sampling=args.direction_sampling,
             max_length=args.max_length,
-            bf16=args.bf16,
+            bf16=args.bf16 or None,  # unset: follows the accelerate launch config (fp32 otherwise)
             activation_checkpointing=args.gradient_checkpointing,
             precompute_ref_log_probs=args.precompute_ref_log_probs,
             prefix_cache=args.prefix_cache,

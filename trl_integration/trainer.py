@@ -38,7 +38,7 @@ from peft_steer.data import DataError, check_preference_dataset
 from .config import SteerConfig
 from .prefix_cache import PrefixCache, choose_storage, estimate_bytes, fallback_reason
 from .prefix_offload import OffloadedBlocks, destination_for, offload_blocker
-from .sharding import check_sharding, gathered, register_with_zero3, sharding_engine
+from .sharding import check_sharding, gathered, register_with_zero3
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ class SteerTrainer(DPOTrainer):
                 f"SteerTrainer(args=...) takes a SteerConfig, got {type(args).__name__}: use "
                 "trl_integration.SteerConfig(...), which accepts every DPOConfig option."
             )
-        check_sharding(args)
-        engine = sharding_engine(args)
+        engine = check_sharding(args)
         if engine is not None and args.precompute_ref_log_probs:
             # Before `train()` the model is neither on the devices nor sharded (FSDP keeps it on the CPU; ZeRO-3
             # would need a second, inference engine): the reference pass runs inside each step instead.

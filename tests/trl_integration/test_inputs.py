@@ -15,12 +15,13 @@ import peft_steer
 from peft_steer import SteeringConfig
 from peft_steer.data import DataError, load_preference_data
 from tests.conftest import make_model
-from trl_integration import SteerConfig, SteerTrainer
+from trl_integration import SteerConfig, SteerTrainer, sharding
 
 from .conftest import QUESTIONS, bipo_rows, fast_args
 
 
-def test_defaults_are_the_papers(tmp_path):
+def test_defaults_are_the_papers(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     args = SteerConfig(output_dir=str(tmp_path / "out"))
     assert (args.beta, args.learning_rate, args.weight_decay) == (0.1, 5e-4, 0.05)
     assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 100
@@ -29,6 +30,17 @@ def test_defaults_are_the_papers(tmp_path):
     assert args.loss_type == ["sigmoid"]
     assert args.bf16 is False and args.activation_checkpointing is False  # the official code trains in fp32
     assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("launch", "given", "expected"), [("bf16", None, True), ("no", None, False), ("bf16", False, False)]
+)
+def test_bf16_follows_the_launch_config_unless_given(tmp_path, monkeypatch, launch, given, expected):
+    # `accelerate launch` with mixed_precision: bf16 (examples/accelerate/zero3.yaml) sets this variable; DeepSpeed
+    # refuses a run whose bf16 setting disagrees with it, so an unset bf16 follows it.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launch)
+    args = SteerConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=given)
+    assert args.bf16 is expected and args.mixed_precision == ("bf16" if expected else launch)
 
 
 @pytest.mark.parametrize(
@@ -126,8 +138,10 @@ BAD_STARTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_STARTS))
-def test_bad_start_raises_and_writes_nothing(tmp_path, tokenizer, pairs, case):
+def test_bad_start_raises_and_writes_nothing(tmp_path, tokenizer, pairs, case, monkeypatch):
     change, error, message = BAD_STARTS[case]
+    # accelerate starts FSDP only on accelerators: as if these processes ran on some
+    monkeypatch.setattr(sharding, "runs_on_accelerators", lambda args: True)
     kwargs = dict(
         model=make_model("llama"),
         args=fast_args(tmp_path),

@@ -21,7 +21,7 @@ from peft_steer import SteeringConfig
 from peft_steer.io import read_adapter
 from tests.conftest import make_model
 from tests.trl_integration.conftest import fast_args
-from trl_integration import SteerTrainer
+from trl_integration import SteerTrainer, sharding
 from trl_integration.sharding import check_sharding, sharding_engine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,6 +76,9 @@ def test_engine_is_read_from_arguments_and_from_accelerate_launch(monkeypatch, t
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     assert sharding_engine(fast_args(tmp_path)) is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert not sharding.runs_on_accelerators(fast_args(tmp_path))
+    assert sharding_engine(fast_args(tmp_path)) is None  # accelerate runs an FSDP config on CPUs as plain DDP
+    monkeypatch.setattr(sharding, "runs_on_accelerators", lambda args: True)
     assert sharding_engine(fast_args(tmp_path)) == "FSDP"
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert sharding_engine(fast_args(tmp_path)) == "DeepSpeed"
@@ -85,6 +88,7 @@ def test_engine_is_read_from_arguments_and_from_accelerate_launch(monkeypatch, t
 def test_fsdp1_from_accelerate_config_is_refused(monkeypatch, tmp_path, version, refused):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", version)
+    monkeypatch.setattr(sharding, "runs_on_accelerators", lambda args: True)
     if refused:
         with pytest.raises(NotImplementedError, match="fsdp_version: 2 in the accelerate config"):
             check_sharding(fast_args(tmp_path))
@@ -107,11 +111,12 @@ def test_accelerate_configs_load_and_ask_for_what_the_trainer_supports(name):
 
 
 def test_under_a_sharding_engine_the_reference_runs_in_each_step(monkeypatch, tmp_path, tokenizer, pairs, caplog):
-    # What `accelerate launch --config_file examples/accelerate/fsdp.yaml` sets. Before train() the model is not yet
-    # on the devices (FSDP) or is partitioned (ZeRO-3), so neither the reference log-probs nor the prefix cache are
-    # computed up front; on this CPU accelerate then runs one plain process, which trains normally.
+    # What `accelerate launch --config_file examples/accelerate/fsdp.yaml` sets on accelerators. Before train() the
+    # model is not yet on the devices (FSDP) or is partitioned (ZeRO-3), so neither the reference log-probs nor the
+    # prefix cache are computed up front; on this CPU accelerate then runs one plain process, which trains normally.
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setattr(sharding, "runs_on_accelerators", lambda args: True)
     with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
         trainer = SteerTrainer(
             model=make_model("llama"),
@@ -126,3 +131,21 @@ def test_under_a_sharding_engine_the_reference_runs_in_each_step(monkeypatch, tm
     assert "ref_chosen_logps" not in trainer.train_dataset.column_names
     trainer.train()
     assert peft_steer.get_vectors(trainer.model)[1].abs().max() > 1e-3
+
+
+def test_an_fsdp_config_on_cpus_trains_as_plain_data_parallelism(monkeypatch, tmp_path, tokenizer, pairs, caplog):
+    # accelerate starts FSDP only on accelerators: on CPUs every rank holds the whole model, so the trainer keeps
+    # the precomputed reference and the prefix cache, and says why.
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")  # not refused either: FSDP1 does not start
+    with caplog.at_level(logging.WARNING, logger="trl_integration.sharding"):
+        trainer = SteerTrainer(
+            model=make_model("llama"),
+            args=fast_args(tmp_path, max_steps=1),
+            train_dataset=pairs,
+            processing_class=tokenizer,
+            peft_config=SteeringConfig(layers=[1]),
+        )
+    assert "these processes run on CPUs, where accelerate runs plain data parallelism" in caplog.text
+    assert trainer.args.precompute_ref_log_probs is True and trainer._prefix_cache is not None
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names

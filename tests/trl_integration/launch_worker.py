@@ -1,0 +1,98 @@
+"""Run by test_accelerate_launch.py under `accelerate launch` (DDP or DeepSpeed ZeRO-3, 2 CPU processes), and once
+as a plain process: trains a tiny vector and saves each rank's whole copy of it.
+
+Usage: launch_worker.py OUTPUT_DIR MODEL_DIR PER_DEVICE_BATCH_SIZE [live-reference] [checkpoints] [resume=DIR]
+
+The model is loaded after the training arguments, as in examples/train_bipo.py: under ZeRO-3 (zero3_init_flag) each
+rank then loads its partition of the weights only. Each epoch's vector is saved. With "live-reference" the reference
+log-probs are computed inside every step and a held-out set is evaluated after each epoch; "checkpoints" saves one
+every 2 steps; "resume=DIR" resumes from the checkpoint folder DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from datasets import Dataset  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
+
+import peft_steer  # noqa: E402
+from peft_steer import SteeringConfig  # noqa: E402
+from peft_steer.blocks import find_block_list  # noqa: E402
+from tests.conftest import make_tokenizer  # noqa: E402
+from tests.trl_integration.conftest import QUESTIONS, bipo_rows, fast_args  # noqa: E402
+from trl_integration import SteerTrainer  # noqa: E402
+from trl_integration.sharding import gathered  # noqa: E402
+
+
+class Block0Size(TrainerCallback):
+    """The elements block 0 holds at each step's end: 0 while blocks 0..L are offloaded (or partitioned by ZeRO-3)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        _, blocks = find_block_list(model.get_base_model())
+        self.sizes.append(sum(parameter.numel() for parameter in blocks[0].parameters()))
+
+
+def main() -> None:
+    output_dir, model_dir, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    flags = dict(flag.partition("=")[::2] for flag in sys.argv[4:])
+    live = "live-reference" in flags
+    extra = dict(precompute_ref_log_probs=False, eval_strategy="epoch") if live else {}
+    if "checkpoints" in flags:
+        extra.update(save_strategy="steps", save_steps=2)
+    # the shared fast settings; output_dir is the folder the test reads each rank's vector from
+    args = fast_args(
+        None,
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        learning_rate=5e-2,
+        max_steps=4,
+        save_vectors_per_epoch=True,
+        **extra,
+    )
+    trainer = SteerTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(bipo_rows(QUESTIONS[:8])),
+        eval_dataset=Dataset.from_list(bipo_rows(QUESTIONS[8:12])) if live else None,
+        processing_class=make_tokenizer(),
+        peft_config=SteeringConfig(layers=[1]),
+        callbacks=[block0 := Block0Size()],
+    )
+    trainer.train(resume_from_checkpoint=flags.get("resume"))
+    trainer.save_model(output_dir)
+    rank = trainer.accelerator.process_index
+    vector = peft_steer.steering_model(trainer.model).vectors_of("default")["1"]
+    with gathered([vector]) as (whole,):  # the float32 master copy under DeepSpeed; a collective, on every rank
+        save_file({"vector": whole.detach().clone().contiguous()}, os.path.join(output_dir, f"rank{rank}.safetensors"))
+    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
+        info = {
+            "world_size": trainer.accelerator.num_processes,
+            "engine": trainer.accelerator.distributed_type.value,
+            "bf16": trainer.args.bf16,
+            "precompute_ref_log_probs": trainer.args.precompute_ref_log_probs,
+            "directions": [entry["direction"] for entry in trainer.state.log_history if "direction" in entry],
+            "eval_losses": [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry],
+            "block0_sizes": block0.sizes,
+            "vector_elements_held": vector.numel(),  # 0 where ZeRO-3 partitions the vector
+        }
+        json.dump(info, file)
+    # Gloo's worker threads can abort the process while the interpreter shuts down (SIGABRT, "terminate called without
+    # an active exception"; pytorch/pytorch#190489), which fails the launch after everything is written: 1 run in 12
+    # on a busy machine even with the process group destroyed (the DDP wrapper may still hold it). Leave at once.
+    trainer.accelerator.end_training()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""`accelerate launch` with the shipped configs on 2 CPU processes (gloo): DDP and DeepSpeed ZeRO-3 end with the
+vector of one process trained on the same batches, bit-identical on both ranks.
+
+FSDP is not here: accelerate starts it only on accelerators (on CPUs an FSDP config runs as DDP). The FSDP2 engine
+itself is tested with the adapter in test_sharding.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft_steer.io import read_adapter
+from tests.conftest import make_model, make_tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+WORKER = os.path.join(HERE, "launch_worker.py")
+
+
+def _run(command: list[str]) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _launch(*options: str, script: str = WORKER) -> list[str]:
+    # Not accelerate's fixed default port (29500): a port left in use by an earlier run on this machine fails the
+    # launch. The worker's use_cpu=True makes the processes use gloo on the CPU.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *options]
+    return [*launch, "--main_process_port", str(port), script]
+
+
+def _config(name: str) -> list[str]:
+    return ["--config_file", os.path.join(ROOT, "examples", "accelerate", f"{name}.yaml")]
+
+
+def _ranks(folder: str, count: int) -> list[tuple[torch.Tensor, dict]]:
+    ranks = []
+    for rank in range(count):
+        with open(os.path.join(folder, f"rank{rank}.json")) as file:
+            info = json.load(file)
+        assert info["world_size"] == count
+        ranks.append((load_file(os.path.join(folder, f"rank{rank}.safetensors"))["vector"], info))
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("tiny-llama"))
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process(model_dir, tmp_path_factory) -> tuple[torch.Tensor, dict]:
+    """One plain process, 4 pairs per step: what 2 ranks x 2 pairs must reproduce."""
+    folder = str(tmp_path_factory.mktemp("single"))
+    _run([sys.executable, WORKER, folder, model_dir, "4"])
+    ((vector, info),) = _ranks(folder, 1)
+    assert vector.abs().max() > 1e-3 and set(info["directions"]) == {1.0, -1.0}
+    return vector, info
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_vectors_equal_to_one_process(model_dir, one_process, tmp_path):
+    single_vector, single_info = one_process
+    ddp = str(tmp_path / "ddp")
+    _run([*_launch(*_config("ddp")), ddp, model_dir, "2"])
+    (rank0, info0), (rank1, info1) = _ranks(ddp, 2)
+    assert info0["engine"] == "MULTI_CPU"
+    for info in (info0, info1):
+        # the reference log-probs fill the prefix cache up front, so blocks 0..1 leave memory while training
+        assert len(info["block0_sizes"]) == 4 and set(info["block0_sizes"]) == {0}
+    assert torch.equal(rank0, rank1)  # DDP averages the gradients: bit-identical vectors
+    assert info0["directions"] == info1["directions"] == single_info["directions"]
+    # 2 ranks x 2 pairs per step see the pairs one process sees 4 at a time: the same training.
+    torch.testing.assert_close(rank0, single_vector, atol=1e-6, rtol=1e-5)
+
+    # The reference computed inside each step through the DDP-wrapped model, with an evaluation after each epoch
+    # and each epoch's vector saved: the same training, the same vector on both ranks, and the saved epochs.
+    live = str(tmp_path / "live")
+    _run([*_launch(*_config("ddp")), live, model_dir, "2", "live-reference"])
+    (live0, info), (live1, _) = _ranks(live, 2)
+    assert torch.equal(live0, live1)
+    torch.testing.assert_close(live0, rank0, atol=1e-6, rtol=1e-5)
+    assert len(info["eval_losses"]) == 2  # 8 pairs, 4 per step, 4 steps: 2 epochs
+    assert min(info["block0_sizes"]) > 0  # the cache fills during training: blocks 0..1 stay
+    config, epoch2 = read_adapter(os.path.join(live, "vectors", "epoch-2"))
+    assert config.layers == [1] and torch.equal(epoch2[1], live0)
+    assert os.path.isdir(os.path.join(live, "vectors", "epoch-1"))
+
+
+# A DeepSpeed config that partitions every parameter, the vector included (the tiny model's weights are all below
+# the default stage3_param_persistence_threshold, so with the shipped config they stay whole on each rank).
+PARTITIONED = {
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    "bf16": {"enabled": "auto"},
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+}
+
+
+def _partitioned(folder) -> list[str]:
+    """Launch options for ZeRO-3 on 2 processes with the PARTITIONED DeepSpeed config (written to ``folder``)."""
+    (folder / "ds.json").write_text(json.dumps(PARTITIONED))
+    options = ["--use_deepspeed", "--deepspeed_config_file", str(folder / "ds.json"), "--zero3_init_flag", "true"]
+    return [*options, "--num_processes", "2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("variant", "mixed_precision"), [("shipped", "bf16"), ("shipped", "no"), ("partitioned", "bf16")]
+)
+def test_zero3_ranks_hold_identical_vectors_equal_to_one_process(
+    model_dir, one_process, tmp_path, variant, mixed_precision
+):
+    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
+    single_vector, single_info = one_process
+    if variant == "shipped":  # examples/accelerate/zero3.yaml as it is, and in float32
+        launch = _launch(*_config("zero3"), "--mixed_precision", mixed_precision)
+    else:
+        launch = _launch(*_partitioned(tmp_path), "--mixed_precision", mixed_precision)
+    zero3 = str(tmp_path / "zero3")
+    _run([*launch, zero3, model_dir, "2", *(["checkpoints"] if variant == "partitioned" else [])])
+    (rank0, info0), (rank1, info1) = _ranks(zero3, 2)
+    for info in (info0, info1):
+        assert info["engine"] == "DEEPSPEED"
+        assert info["bf16"] is (mixed_precision == "bf16")  # SteerConfig follows the launch's mixed precision
+        assert info["precompute_ref_log_probs"] is False  # the reference runs inside each step under ZeRO-3
+        if variant == "partitioned":  # outside the forward each rank holds no whole weight of block 0, nor the vector
+            assert set(info["block0_sizes"]) == {0} and info["vector_elements_held"] == 0
+    assert torch.equal(rank0, rank1)
+    assert info0["directions"] == single_info["directions"]
+    # bf16 autocast moves the vector by about 1e-3 of its 0.12 (largest entry) against float32
+    tolerance = 1e-6 if mixed_precision == "no" else 5e-3
+    torch.testing.assert_close(rank0, single_vector, atol=tolerance, rtol=0)
+    # The vector stays float32 on the model (it is created after zero.Init has cast the base weights to bf16): the
+    # saved adapter and the last epoch's hold exactly the gathered master copy.
+    for folder in (zero3, os.path.join(zero3, "vectors", "epoch-2")):
+        config, saved = read_adapter(folder)
+        assert config.layers == [1] and saved[1].dtype == torch.float32 and torch.equal(saved[1], rank0)
+
+    if variant == "partitioned":  # resuming from the step-2 checkpoint ends with the same vector, bit for bit
+        resumed = str(tmp_path / "resumed")
+        _run([*launch, resumed, model_dir, "2", f"resume={os.path.join(zero3, 'checkpoint-2')}"])
+        (resumed0, info), (resumed1, _) = _ranks(resumed, 2)
+        assert len(info["block0_sizes"]) == 2  # this launch ran steps 3 and 4 only
+        assert torch.equal(resumed0, rank0) and torch.equal(resumed1, rank0)
+
+
+@pytest.mark.slow
+def test_the_example_trains_and_scores_under_zero3(model_dir, tmp_path):
+    """`accelerate launch examples/train_bipo.py` with every weight partitioned: it trains the vector of one process,
+    and its evaluation after training (every rank runs the forwards of the partitioned model) prints the scores of
+    one process, once."""
+    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
+    example = os.path.join(ROOT, "examples", "train_bipo.py")
+    options = ["--cpu", "--model", model_dir, "--behavior", "wealth-seeking", "--layer", "1", "--max-steps", "4"]
+    options += ["--eval-pairs", "8"]
+    zero3, single = str(tmp_path / "zero3"), str(tmp_path / "single")
+    launched = _run(
+        [*_launch(*_partitioned(tmp_path), script=example), *options, "--batch-size", "2", "--output-dir", zero3]
+    )
+    alone = _run([sys.executable, example, *options, "--batch-size", "4", "--output-dir", single])
+    score = re.compile(r"multiplier ([+-]\d): answer preference ([\d.]+) \(mean log-prob margin ([+-][\d.]+)\)")
+    assert [sign for sign, *_ in score.findall(launched)] == ["-1", "+0", "+1"]  # printed by the main process only
+    assert score.findall(launched) == score.findall(alone)
+    (_, vector), (_, single_vector) = read_adapter(zero3), read_adapter(single)
+    assert vector[1].abs().max() > 0  # 4 steps into the paper's 100 warm-up steps: a small vector
+    torch.testing.assert_close(vector[1], single_vector[1], rtol=1e-4, atol=1e-9)
