@@ -63,9 +63,11 @@ class SteerConfig(DPOConfig):
     bf16: bool | None = field(
         default=None,
         metadata={
-            "help": "bf16 autocast. Off by default (BiPO trains in fp32), unless `accelerate launch` runs with "
-            "mixed_precision: bf16, which it then follows (DeepSpeed refuses a config that disagrees with it). To "
-            "halve memory, load the model in bf16 instead; the steering vector stays fp32 either way."
+            "help": "bf16 mixed precision. Left unset: off (BiPO trains in fp32), or on where `accelerate launch` "
+            "runs with mixed_precision: bf16 (DeepSpeed refuses a bf16 setting that disagrees with its config). Such a "
+            "launch computes in bf16 even with bf16=False (transformers reads it): launch with --mixed_precision no "
+            "for fp32. With a DeepSpeed config file that enables bf16 or fp16, set bf16 / fp16 to match it. To halve "
+            "memory, load the model in bf16 instead; the steering vector stays fp32 either way."
         },
     )
     gradient_checkpointing: bool | None = field(

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, parse_flag_from_env
+from accelerate.utils import parse_flag_from_env
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -32,32 +32,42 @@ def sharding_engine(args: Any) -> str | None:
     """The engine that shards this run, "FSDP" or "DeepSpeed", or ``None``: from the training arguments, or from the
     variables `accelerate launch` sets from its config file.
 
-    FSDP counts only where accelerate starts it: on processes that run on accelerators. On CPUs accelerate runs an
+    FSDP counts only where accelerate starts it (`accelerate_starts_fsdp`); elsewhere, on CPUs say, accelerate runs an
     FSDP config as plain data parallelism (every rank holds the whole model), and so does the trainer. DeepSpeed runs
     on CPUs too (with `use_cpu=True`), as the tests do.
     """
     if getattr(args, "deepspeed", None) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed"
-    if (getattr(args, "fsdp", None) or parse_flag_from_env("ACCELERATE_USE_FSDP")) and runs_on_accelerators(args):
+    if _fsdp_configured(args) and accelerate_starts_fsdp(args):
         return "FSDP"
     return None
 
 
-def runs_on_accelerators(args: Any) -> bool:
-    """Whether the processes of this run use accelerators, the condition under which accelerate starts FSDP."""
-    args.device  # noqa: B018 (sets up `distributed_state`, as the Trainer would)
-    state = getattr(args, "distributed_state", None)
-    return state is not None and state.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU)
+# The process types on which accelerate 1.15 turns an FSDP config into FSDP (accelerate/state.py, AcceleratorState).
+_FSDP_PROCESS_TYPES = {
+    "MULTI_GPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_NPU", "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON"
+}  # fmt: skip
+
+
+def accelerate_starts_fsdp(args: Any) -> bool:
+    """Whether accelerate starts FSDP for these processes: only for launched processes on accelerators, not for CPU
+    processes, nor a single process started without a launcher."""
+    state = getattr(args, "distributed_state", None)  # set up by TrainingArguments.__post_init__
+    return state is not None and state.distributed_type.value in _FSDP_PROCESS_TYPES
+
+
+def _fsdp_configured(args: Any) -> bool:
+    return bool(getattr(args, "fsdp", None)) or parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def check_sharding(args: Any) -> str | None:
     """The engine that shards this run (`sharding_engine`), after refusing FSDP1 with an error that says what to
-    change; FSDP2 and DeepSpeed (any ZeRO stage) pass. An FSDP config on CPUs is logged as plain data parallelism."""
+    change; FSDP2 and DeepSpeed (any ZeRO stage) pass. An FSDP config that accelerate does not start is logged."""
     engine = sharding_engine(args)
-    if engine is None and (getattr(args, "fsdp", None) or parse_flag_from_env("ACCELERATE_USE_FSDP")):
+    if engine is None and _fsdp_configured(args):
         logger.warning(
-            "FSDP is configured, but these processes run on CPUs, where accelerate runs plain data parallelism: "
-            "every rank holds the whole model."
+            "FSDP is configured, but accelerate does not start it for these processes (CPU processes, or one process "
+            "without a launcher): the run is plain data parallelism, every rank holding the whole model."
         )
     if engine != "FSDP":
         return engine

@@ -201,8 +201,8 @@ class SteerTrainer(DPOTrainer):
                 optimizers=optimizers,
             )
 
-        # The vectors stay fp32 whatever the model's dtype (bf16 loses small updates: 10 + 1e-2 == 10). DeepSpeed in
-        # bf16 casts them with the model, and its optimizer keeps the float32 master copy instead.
+        # The vectors stay fp32 whatever the model's dtype (bf16 loses small updates: 10 + 1e-2 == 10). Where DeepSpeed
+        # in bf16 casts the whole model, the vectors too, its optimizer keeps the float32 master copy instead.
         tuner._cast_adapter_dtype(self.adapter_name)
         peft_steer.set_vectors(model, initial_vectors, self.adapter_name)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)

@@ -30,15 +30,18 @@ from trl_integration import SteerTrainer  # noqa: E402
 from trl_integration.sharding import gathered  # noqa: E402
 
 
-class Block0Size(TrainerCallback):
-    """The elements block 0 holds at each step's end: 0 while blocks 0..L are offloaded (or partitioned by ZeRO-3)."""
+class HeldSizes(TrainerCallback):
+    """The elements this rank holds at each step's end of block 0 (0 while blocks 0..L are offloaded, or partitioned
+    by ZeRO-3) and of the vector (0 where ZeRO-3 partitions it)."""
 
     def __init__(self) -> None:
-        self.sizes: list[int] = []
+        self.block0: list[int] = []
+        self.vector: list[int] = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         _, blocks = find_block_list(model.get_base_model())
-        self.sizes.append(sum(parameter.numel() for parameter in blocks[0].parameters()))
+        self.block0.append(sum(parameter.numel() for parameter in blocks[0].parameters()))
+        self.vector.append(peft_steer.steering_model(model).vectors_of("default")["1"].numel())
 
 
 def main() -> None:
@@ -65,7 +68,7 @@ def main() -> None:
         eval_dataset=Dataset.from_list(bipo_rows(QUESTIONS[8:12])) if live else None,
         processing_class=make_tokenizer(),
         peft_config=SteeringConfig(layers=[1]),
-        callbacks=[block0 := Block0Size()],
+        callbacks=[held := HeldSizes()],
     )
     trainer.train(resume_from_checkpoint=flags.get("resume"))
     trainer.save_model(output_dir)
@@ -73,6 +76,7 @@ def main() -> None:
     vector = peft_steer.steering_model(trainer.model).vectors_of("default")["1"]
     with gathered([vector]) as (whole,):  # the float32 master copy under DeepSpeed; a collective, on every rank
         save_file({"vector": whole.detach().clone().contiguous()}, os.path.join(output_dir, f"rank{rank}.safetensors"))
+    _, blocks = find_block_list(trainer.accelerator.unwrap_model(trainer.model).get_base_model())
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
         info = {
             "world_size": trainer.accelerator.num_processes,
@@ -81,8 +85,9 @@ def main() -> None:
             "precompute_ref_log_probs": trainer.args.precompute_ref_log_probs,
             "directions": [entry["direction"] for entry in trainer.state.log_history if "direction" in entry],
             "eval_losses": [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry],
-            "block0_sizes": block0.sizes,
-            "vector_elements_held": vector.numel(),  # 0 where ZeRO-3 partitions the vector
+            "block0_sizes": held.block0,
+            "vector_sizes": held.vector,
+            "block0_dtype": str(next(blocks[0].parameters()).dtype),
         }
         json.dump(info, file)
     # Gloo's worker threads can abort the process while the interpreter shuts down (SIGABRT, "terminate called without

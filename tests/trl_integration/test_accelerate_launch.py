@@ -27,7 +27,9 @@ WORKER = os.path.join(HERE, "launch_worker.py")
 
 
 def _run(command: list[str]) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # Every launch names its config: none of the caller's ACCELERATE_* settings reach it.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -48,6 +50,7 @@ def _config(name: str) -> list[str]:
 
 
 def _ranks(folder: str, count: int) -> list[tuple[torch.Tensor, dict]]:
+    """Each rank's whole vector (gathered) and its record."""
     ranks = []
     for rank in range(count):
         with open(os.path.join(folder, f"rank{rank}.json")) as file:
@@ -90,6 +93,15 @@ def test_ddp_ranks_hold_identical_vectors_equal_to_one_process(model_dir, one_pr
     # 2 ranks x 2 pairs per step see the pairs one process sees 4 at a time: the same training.
     torch.testing.assert_close(rank0, single_vector, atol=1e-6, rtol=1e-5)
 
+    # examples/accelerate/fsdp.yaml on CPUs: accelerate runs it as DDP, and the trainer keeps its precomputed
+    # reference and prefix cache (blocks 0..1 offloaded), so it trains exactly as the DDP launch.
+    fsdp = str(tmp_path / "fsdp")
+    _run([*_launch(*_config("fsdp"), "--mixed_precision", "no"), fsdp, model_dir, "2"])
+    (fsdp0, info), (fsdp1, _) = _ranks(fsdp, 2)
+    assert info["engine"] == "MULTI_CPU" and info["precompute_ref_log_probs"] is True
+    assert set(info["block0_sizes"]) == {0}
+    assert torch.equal(fsdp0, rank0) and torch.equal(fsdp1, rank0)
+
     # The reference computed inside each step through the DDP-wrapped model, with an evaluation after each epoch
     # and each epoch's vector saved: the same training, the same vector on both ranks, and the saved epochs.
     live = str(tmp_path / "live")
@@ -121,10 +133,13 @@ PARTITIONED = {
 
 
 def _partitioned(folder) -> list[str]:
-    """Launch options for ZeRO-3 on 2 processes with the PARTITIONED DeepSpeed config (written to ``folder``)."""
+    """Launch options for ZeRO-3 on 2 processes with the PARTITIONED DeepSpeed config (both files written to
+    ``folder``)."""
     (folder / "ds.json").write_text(json.dumps(PARTITIONED))
-    options = ["--use_deepspeed", "--deepspeed_config_file", str(folder / "ds.json"), "--zero3_init_flag", "true"]
-    return [*options, "--num_processes", "2"]
+    deepspeed = {"deepspeed_config_file": str(folder / "ds.json"), "zero3_init_flag": True}
+    config = {"distributed_type": "DEEPSPEED", "deepspeed_config": deepspeed, "num_processes": 2, "num_machines": 1}
+    (folder / "accelerate.json").write_text(json.dumps(config))
+    return ["--config_file", str(folder / "accelerate.json")]
 
 
 @pytest.mark.slow
@@ -147,22 +162,29 @@ def test_zero3_ranks_hold_identical_vectors_equal_to_one_process(
         assert info["engine"] == "DEEPSPEED"
         assert info["bf16"] is (mixed_precision == "bf16")  # SteerConfig follows the launch's mixed precision
         assert info["precompute_ref_log_probs"] is False  # the reference runs inside each step under ZeRO-3
-        if variant == "partitioned":  # outside the forward each rank holds no whole weight of block 0, nor the vector
-            assert set(info["block0_sizes"]) == {0} and info["vector_elements_held"] == 0
+        # zero.Init (zero3_init_flag) casts the base weights as from_pretrained partitions them
+        assert info["block0_dtype"] == ("torch.bfloat16" if mixed_precision == "bf16" else "torch.float32")
+        if variant == "partitioned":  # between steps each rank holds no weight of block 0, nor the vector
+            assert set(info["block0_sizes"]) == {0} and set(info["vector_sizes"]) == {0}
+        else:  # below stage3_param_persistence_threshold they stay whole on each rank
+            assert set(info["block0_sizes"]) == {9280} and set(info["vector_sizes"]) == {32}
     assert torch.equal(rank0, rank1)
     assert info0["directions"] == single_info["directions"]
-    # bf16 autocast moves the vector by about 1e-3 of its 0.12 (largest entry) against float32
+    # bf16 moves the vector by about 1e-3 of its 0.12 (largest entry) against float32
     tolerance = 1e-6 if mixed_precision == "no" else 5e-3
     torch.testing.assert_close(rank0, single_vector, atol=tolerance, rtol=0)
-    # The vector stays float32 on the model (it is created after zero.Init has cast the base weights to bf16): the
-    # saved adapter and the last epoch's hold exactly the gathered master copy.
+    # The vector stays float32 on the model (it is made after zero.Init has cast the base weights): the saved
+    # adapter and the last epoch's hold exactly the gathered master copy.
     for folder in (zero3, os.path.join(zero3, "vectors", "epoch-2")):
         config, saved = read_adapter(folder)
         assert config.layers == [1] and saved[1].dtype == torch.float32 and torch.equal(saved[1], rank0)
 
-    if variant == "partitioned":  # resuming from the step-2 checkpoint ends with the same vector, bit for bit
+    if variant == "partitioned":  # resuming from DeepSpeed's step-2 checkpoint ends with the same vector, bit for bit
+        checkpoint = os.path.join(zero3, "checkpoint-2")
+        assert os.path.isdir(os.path.join(checkpoint, "global_step2"))  # the engine's own, partitioned, states
         resumed = str(tmp_path / "resumed")
-        _run([*launch, resumed, model_dir, "2", f"resume={os.path.join(zero3, 'checkpoint-2')}"])
+        launch = _launch(*_partitioned(tmp_path), "--mixed_precision", mixed_precision)
+        _run([*launch, resumed, model_dir, "2", f"resume={checkpoint}"])
         (resumed0, info), (resumed1, _) = _ranks(resumed, 2)
         assert len(info["block0_sizes"]) == 2  # this launch ran steps 3 and 4 only
         assert torch.equal(resumed0, rank0) and torch.equal(resumed1, rank0)
@@ -172,19 +194,30 @@ def test_zero3_ranks_hold_identical_vectors_equal_to_one_process(
 def test_the_example_trains_and_scores_under_zero3(model_dir, tmp_path):
     """`accelerate launch examples/train_bipo.py` with every weight partitioned: it trains the vector of one process,
     and its evaluation after training (every rank runs the forwards of the partitioned model) prints the scores of
-    one process, once."""
+    one process, once. (4 steps into the paper's 100 warm-up steps the vector is small: the scores show that the
+    partitioned model computes the log-probs of the whole one, not that the vector steers.)"""
     pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
-    example = os.path.join(ROOT, "examples", "train_bipo.py")
     options = ["--cpu", "--model", model_dir, "--behavior", "wealth-seeking", "--layer", "1", "--max-steps", "4"]
     options += ["--eval-pairs", "8"]
     zero3, single = str(tmp_path / "zero3"), str(tmp_path / "single")
-    launched = _run(
-        [*_launch(*_partitioned(tmp_path), script=example), *options, "--batch-size", "2", "--output-dir", zero3]
+    launch = _launch(
+        *_partitioned(tmp_path), "--mixed_precision", "no", script=os.path.join(HERE, "example_launcher.py")
     )
-    alone = _run([sys.executable, example, *options, "--batch-size", "4", "--output-dir", single])
+    launched = _run([*launch, *options, "--batch-size", "2", "--output-dir", zero3])
+    alone = _run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "train_bipo.py"),
+            *options,
+            "--batch-size",
+            "4",
+            "--output-dir",
+            single,
+        ]
+    )
     score = re.compile(r"multiplier ([+-]\d): answer preference ([\d.]+) \(mean log-prob margin ([+-][\d.]+)\)")
     assert [sign for sign, *_ in score.findall(launched)] == ["-1", "+0", "+1"]  # printed by the main process only
     assert score.findall(launched) == score.findall(alone)
     (_, vector), (_, single_vector) = read_adapter(zero3), read_adapter(single)
-    assert vector[1].abs().max() > 0  # 4 steps into the paper's 100 warm-up steps: a small vector
+    assert vector[1].abs().max() > 0
     torch.testing.assert_close(vector[1], single_vector[1], rtol=1e-4, atol=1e-9)

@@ -35,9 +35,10 @@ def test_defaults_are_the_papers(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("launch", "given", "expected"), [("bf16", None, True), ("no", None, False), ("bf16", False, False)]
 )
-def test_bf16_follows_the_launch_config_unless_given(tmp_path, monkeypatch, launch, given, expected):
+def test_an_unset_bf16_follows_the_launch_config(tmp_path, monkeypatch, launch, given, expected):
     # `accelerate launch` with mixed_precision: bf16 (examples/accelerate/zero3.yaml) sets this variable; DeepSpeed
-    # refuses a run whose bf16 setting disagrees with it, so an unset bf16 follows it.
+    # refuses a run whose bf16 setting disagrees with it, so an unset bf16 follows it. An explicit bf16=False stays,
+    # but transformers still computes in the launch's bf16 (`mixed_precision`).
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launch)
     args = SteerConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=given)
     assert args.bf16 is expected and args.mixed_precision == ("bf16" if expected else launch)
@@ -141,7 +142,7 @@ BAD_STARTS = {
 def test_bad_start_raises_and_writes_nothing(tmp_path, tokenizer, pairs, case, monkeypatch):
     change, error, message = BAD_STARTS[case]
     # accelerate starts FSDP only on accelerators: as if these processes ran on some
-    monkeypatch.setattr(sharding, "runs_on_accelerators", lambda args: True)
+    monkeypatch.setattr(sharding, "accelerate_starts_fsdp", lambda args: True)
     kwargs = dict(
         model=make_model("llama"),
         args=fast_args(tmp_path),

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,19 +77,30 @@ def test_engine_is_read_from_arguments_and_from_accelerate_launch(monkeypatch, t
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     assert sharding_engine(fast_args(tmp_path)) is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert not sharding.runs_on_accelerators(fast_args(tmp_path))
+    assert not sharding.accelerate_starts_fsdp(fast_args(tmp_path))
     assert sharding_engine(fast_args(tmp_path)) is None  # accelerate runs an FSDP config on CPUs as plain DDP
-    monkeypatch.setattr(sharding, "runs_on_accelerators", lambda args: True)
+    monkeypatch.setattr(sharding, "accelerate_starts_fsdp", lambda args: True)
     assert sharding_engine(fast_args(tmp_path)) == "FSDP"
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert sharding_engine(fast_args(tmp_path)) == "DeepSpeed"
+
+
+@pytest.mark.parametrize(
+    ("process_type", "starts"),
+    [("MULTI_GPU", True), ("MULTI_NPU", True), ("MULTI_CPU", False), ("NO", False), ("XLA", False)],
+)
+def test_fsdp_starts_where_accelerate_starts_it(process_type, starts):
+    from accelerate.utils import DistributedType
+
+    args = SimpleNamespace(distributed_state=SimpleNamespace(distributed_type=DistributedType[process_type]))
+    assert sharding.accelerate_starts_fsdp(args) is starts
 
 
 @pytest.mark.parametrize(("version", "refused"), [("1", True), ("2", False)])
 def test_fsdp1_from_accelerate_config_is_refused(monkeypatch, tmp_path, version, refused):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", version)
-    monkeypatch.setattr(sharding, "runs_on_accelerators", lambda args: True)
+    monkeypatch.setattr(sharding, "accelerate_starts_fsdp", lambda args: True)
     if refused:
         with pytest.raises(NotImplementedError, match="fsdp_version: 2 in the accelerate config"):
             check_sharding(fast_args(tmp_path))
@@ -116,7 +128,7 @@ def test_under_a_sharding_engine_the_reference_runs_in_each_step(monkeypatch, tm
     # prefix cache are computed up front; on this CPU accelerate then runs one plain process, which trains normally.
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
-    monkeypatch.setattr(sharding, "runs_on_accelerators", lambda args: True)
+    monkeypatch.setattr(sharding, "accelerate_starts_fsdp", lambda args: True)
     with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
         trainer = SteerTrainer(
             model=make_model("llama"),
@@ -146,6 +158,6 @@ def test_an_fsdp_config_on_cpus_trains_as_plain_data_parallelism(monkeypatch, tm
             processing_class=tokenizer,
             peft_config=SteeringConfig(layers=[1]),
         )
-    assert "these processes run on CPUs, where accelerate runs plain data parallelism" in caplog.text
+    assert "accelerate does not start it for these processes (CPU processes" in caplog.text
     assert trainer.args.precompute_ref_log_probs is True and trainer._prefix_cache is not None
     assert "ref_chosen_logps" in trainer.train_dataset.column_names
