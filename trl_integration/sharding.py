@@ -1,9 +1,9 @@
 """FSDP and DeepSpeed ZeRO: which engine a run uses, what SteerTrainer supports, and the vector under sharding.
 
 A steering vector is one small parameter owned by the `SteeringModel`, outside the decoder blocks, and read by a hook
-of block L. The engines handle it as follows (checked on 2 CPU processes: on the engines themselves in
-`tests/trl_integration/test_sharding.py`, and DeepSpeed through `accelerate launch` in `test_accelerate_launch.py`;
-`accelerate` starts FSDP only on accelerators):
+of block L. The engines handle it as follows (checked on 2 CPU processes, on the engines themselves in
+`tests/trl_integration/test_sharding.py`, and through `accelerate launch` and the Trainer in
+`test_accelerate_launch.py`):
 
 - FSDP2 (`fully_shard`): the vector belongs to the root unit, which is gathered for the whole forward, so the
   hook sees it whole; it is a `DTensor` outside the forward. FSDP1 is refused: it flattens each unit's parameters

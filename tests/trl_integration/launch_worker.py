@@ -2,11 +2,14 @@
 as a plain process: trains a tiny vector and saves each rank's whole copy of it.
 
 Usage: launch_worker.py OUTPUT_DIR MODEL_DIR PER_DEVICE_BATCH_SIZE [live-reference] [checkpoints] [resume=DIR]
+                        [fsdp-on-cpus]
 
 The model is loaded after the training arguments, as in examples/train_bipo.py: under ZeRO-3 (zero3_init_flag) each
 rank then loads its partition of the weights only. Each epoch's vector is saved. With "live-reference" the reference
 log-probs are computed inside every step and a held-out set is evaluated after each epoch; "checkpoints" saves one
-every 2 steps; "resume=DIR" resumes from the checkpoint folder DIR.
+every 2 steps; "resume=DIR" resumes from the checkpoint folder DIR. "fsdp-on-cpus" makes accelerate start the FSDP of
+its launch config on these CPU processes: it takes them for GPU processes (only its process-type check is bypassed;
+the processes, their devices and gloo stay as they are).
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from accelerate import PartialState  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
 import peft_steer  # noqa: E402
@@ -40,8 +46,13 @@ class HeldSizes(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         _, blocks = find_block_list(model.get_base_model())
-        self.block0.append(sum(parameter.numel() for parameter in blocks[0].parameters()))
-        self.vector.append(peft_steer.steering_model(model).vectors_of("default")["1"].numel())
+        self.block0.append(sum(_held(parameter) for parameter in blocks[0].parameters()))
+        self.vector.append(_held(peft_steer.steering_model(model).vectors_of("default")["1"]))
+
+
+def _held(parameter) -> int:
+    """The elements of ``parameter`` this rank holds (an FSDP2 parameter is a DTensor: its local shard)."""
+    return parameter.to_local().numel() if isinstance(parameter, DTensor) else parameter.numel()
 
 
 def main() -> None:
@@ -61,6 +72,8 @@ def main() -> None:
         save_vectors_per_epoch=True,
         **extra,
     )
+    if "fsdp-on-cpus" in flags:  # accelerate turns an FSDP config into FSDP for MULTI_GPU processes only
+        PartialState().distributed_type = DistributedType.MULTI_GPU
     trainer = SteerTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=args,

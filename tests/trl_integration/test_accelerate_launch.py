@@ -1,8 +1,8 @@
-"""`accelerate launch` with the shipped configs on 2 CPU processes (gloo): DDP and DeepSpeed ZeRO-3 end with the
-vector of one process trained on the same batches, bit-identical on both ranks.
+"""`accelerate launch` with the shipped configs on 2 CPU processes (gloo): DDP, DeepSpeed ZeRO-3 and FSDP2 end with
+the vector of one process trained on the same batches, bit-identical on both ranks.
 
-FSDP is not here: accelerate starts it only on accelerators (on CPUs an FSDP config runs as DDP). The FSDP2 engine
-itself is tested with the adapter in test_sharding.py.
+accelerate starts FSDP only on accelerators (on CPUs an FSDP config runs as DDP, which is tested too); the FSDP2 runs
+here make it take the CPU processes for GPU ones (launch_worker.py "fsdp-on-cpus"), and everything else is real.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _run(command: list[str]) -> str:
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def _launch(*options: str, script: str = WORKER) -> list[str]:
@@ -191,33 +191,64 @@ def test_zero3_ranks_hold_identical_vectors_equal_to_one_process(
 
 
 @pytest.mark.slow
-def test_the_example_trains_and_scores_under_zero3(model_dir, tmp_path):
-    """`accelerate launch examples/train_bipo.py` with every weight partitioned: it trains the vector of one process,
-    and its evaluation after training (every rank runs the forwards of the partitioned model) prints the scores of
-    one process, once. (4 steps into the paper's 100 warm-up steps the vector is small: the scores show that the
-    partitioned model computes the log-probs of the whole one, not that the vector steers.)"""
-    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
+@pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
+def test_fsdp2_ranks_hold_identical_vectors_equal_to_one_process(model_dir, one_process, tmp_path, mixed_precision):
+    """examples/accelerate/fsdp.yaml through accelerate's own FSDP2 preparation (`fully_shard` of each block and the
+    root), on CPU processes that accelerate is made to take for GPU ones (launch_worker.py "fsdp-on-cpus")."""
+    single_vector, single_info = one_process
+    launch = _launch(*_config("fsdp"), "--mixed_precision", mixed_precision)
+    fsdp = str(tmp_path / "fsdp")
+    _run([*launch, fsdp, model_dir, "2", "fsdp-on-cpus", *(["checkpoints"] if mixed_precision == "bf16" else [])])
+    (rank0, info0), (rank1, info1) = _ranks(fsdp, 2)
+    for info in (info0, info1):
+        assert info["engine"] == "FSDP" and info["bf16"] is (mixed_precision == "bf16")
+        assert info["precompute_ref_log_probs"] is False  # the reference runs inside each step under FSDP
+        # between steps each rank holds its half of block 0 (9280 elements) and of the vector (32)
+        assert set(info["block0_sizes"]) == {4640} and set(info["vector_sizes"]) == {16}
+    assert torch.equal(rank0, rank1)
+    assert info0["directions"] == single_info["directions"]
+    # bf16 compute (FSDP's mixed-precision policy) moves the vector by about 1.4e-3 of its 0.12 against float32
+    torch.testing.assert_close(rank0, single_vector, atol=1e-6 if mixed_precision == "no" else 5e-3, rtol=0)
+    for folder in (fsdp, os.path.join(fsdp, "vectors", "epoch-2")):  # saved from the gathered float32 vector
+        config, saved = read_adapter(folder)
+        assert config.layers == [1] and saved[1].dtype == torch.float32 and torch.equal(saved[1], rank0)
+
+    if mixed_precision == "bf16":  # resuming from the step-2 checkpoint ends with the same vector, bit for bit
+        resumed = str(tmp_path / "resumed")
+        checkpoint = os.path.join(fsdp, "checkpoint-2")
+        _run(
+            [*_launch(*_config("fsdp"), "--mixed_precision", "bf16"), resumed, model_dir, "2", "fsdp-on-cpus"]
+            + [f"resume={checkpoint}"]
+        )
+        (resumed0, info), (resumed1, _) = _ranks(resumed, 2)
+        assert len(info["block0_sizes"]) == 2  # this launch ran steps 3 and 4 only
+        assert torch.equal(resumed0, rank0) and torch.equal(resumed1, rank0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_the_example_trains_and_scores_when_sharded(model_dir, tmp_path, engine):
+    """`accelerate launch examples/train_bipo.py` with every weight sharded (ZeRO-3 partitioned, or FSDP2): it trains
+    the vector of one process, and its evaluation after training (every rank runs the forwards of the sharded model)
+    prints the scores of one process, once. (4 steps into the paper's 100 warm-up steps the vector is small: the
+    scores show that the sharded model computes the log-probs of the whole one, not that the vector steers.)"""
+    if engine == "zero3":
+        pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
     options = ["--cpu", "--model", model_dir, "--behavior", "wealth-seeking", "--layer", "1", "--max-steps", "4"]
     options += ["--eval-pairs", "8"]
-    zero3, single = str(tmp_path / "zero3"), str(tmp_path / "single")
-    launch = _launch(
-        *_partitioned(tmp_path), "--mixed_precision", "no", script=os.path.join(HERE, "example_launcher.py")
-    )
-    launched = _run([*launch, *options, "--batch-size", "2", "--output-dir", zero3])
-    alone = _run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "train_bipo.py"),
-            *options,
-            "--batch-size",
-            "4",
-            "--output-dir",
-            single,
-        ]
-    )
+    sharded, single = str(tmp_path / "sharded"), str(tmp_path / "single")
+    launcher = os.path.join(HERE, "example_launcher.py")
+    if engine == "zero3":
+        launch = [*_launch(*_partitioned(tmp_path), "--mixed_precision", "no", script=launcher)]
+    else:
+        launch = [*_launch(*_config("fsdp"), "--mixed_precision", "no", script=launcher), "--fsdp-on-cpus"]
+    launched = _run([*launch, *options, "--batch-size", "2", "--output-dir", sharded])
+    example = os.path.join(ROOT, "examples", "train_bipo.py")
+    alone = _run([sys.executable, example, *options, "--batch-size", "4", "--output-dir", single])
     score = re.compile(r"multiplier ([+-]\d): answer preference ([\d.]+) \(mean log-prob margin ([+-][\d.]+)\)")
+    assert f"{'DeepSpeed' if engine == 'zero3' else 'FSDP'}: precompute_ref_log_probs turned off" in launched
     assert [sign for sign, *_ in score.findall(launched)] == ["-1", "+0", "+1"]  # printed by the main process only
     assert score.findall(launched) == score.findall(alone)
-    (_, vector), (_, single_vector) = read_adapter(zero3), read_adapter(single)
+    (_, vector), (_, single_vector) = read_adapter(sharded), read_adapter(single)
     assert vector[1].abs().max() > 0
     torch.testing.assert_close(vector[1], single_vector[1], rtol=1e-4, atol=1e-9)
