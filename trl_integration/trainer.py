@@ -222,6 +222,8 @@ class SteerTrainer(DPOTrainer):
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if dataset_name == "train":
             self._plan_prefix_cache(prepared, args)
+        elif self._prefix_cache is not None:  # evaluation fills the cache with its sequences too
+            self._resize_prefix_cache(prepared, args, dataset_name)
         if count is None or args.max_length is None or "prompt_ids" not in prepared.column_names:
             return prepared
         dropped = count - len(prepared)
@@ -255,23 +257,39 @@ class SteerTrainer(DPOTrainer):
         if self._prefix_off_reason is not None:
             logger.warning("Prefix cache off: %s. Every step runs the whole model.", self._prefix_off_reason)
             return
-        inner = self._prefix_model  # `self.model` does not exist yet: TRL prepares the data first
-        dtype = next(inner.parameters()).dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        hidden = self._prefix_hidden
-        if isinstance(prepared, Dataset) and "prompt_ids" in prepared.column_names:
-            prompts = [len(ids) for ids in prepared["prompt_ids"]]
-            chosen = [len(ids) for ids in prepared["chosen_ids"]]
-            rejected = [len(ids) for ids in prepared["rejected_ids"]]
-            size = estimate_bytes(2 * sum(prompts) + sum(chosen) + sum(rejected), hidden, dtype)
-        else:
-            size = 0  # streamed: unknown
-        storage = choose_storage(args.prefix_cache, size, args.device)
+        self._prefix_cache_bytes = self._prefix_bytes(prepared)
+        storage = choose_storage(args.prefix_cache, self._prefix_cache_bytes, args.device)
         logger.warning(
             "Prefix cache: the output of blocks 0..%d for every training sequence, about %.1f MiB (%s), kept on %s.",
-            self._prefix_block, size / 2**20, dtype, storage,
+            self._prefix_block, self._prefix_cache_bytes / 2**20, self._prefix_dtype(), storage,
         )  # fmt: skip
-        self._prefix_cache = PrefixCache(inner, self._prefix_block, storage, args.prefix_cache_dir)
+        self._prefix_cache = PrefixCache(self._prefix_model, self._prefix_block, storage, args.prefix_cache_dir)
+
+    def _resize_prefix_cache(self, prepared: Any, args: SteerConfig, dataset_name: str) -> None:
+        """Count an evaluation set's sequences in the cache's size, and choose its storage again for the total."""
+        size = self._prefix_bytes(prepared)
+        self._prefix_cache_bytes += size
+        storage = choose_storage(args.prefix_cache, self._prefix_cache_bytes, args.device)
+        logger.warning(
+            "Prefix cache: the %s dataset adds about %.1f MiB, %.1f MiB in all, kept on %s.",
+            dataset_name, size / 2**20, self._prefix_cache_bytes / 2**20, storage,
+        )  # fmt: skip
+        if storage != self._prefix_cache.storage:  # nothing is cached before training: start again on the new storage
+            self._prefix_cache = PrefixCache(self._prefix_model, self._prefix_block, storage, args.prefix_cache_dir)
+
+    def _prefix_dtype(self) -> torch.dtype:
+        # `self._prefix_model`, as `self.model` does not exist yet: TRL prepares the data first
+        dtype = next(self._prefix_model.parameters()).dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def _prefix_bytes(self, prepared: Any) -> int:
+        """The cache's bytes for every sequence of a prepared data set: each pair's prompt + chosen and prompt +
+        rejected (0 for a streamed set, whose size is unknown)."""
+        if not (isinstance(prepared, Dataset) and "prompt_ids" in prepared.column_names):
+            return 0
+        prompts = sum(len(ids) for ids in prepared["prompt_ids"])
+        answers = sum(len(ids) for ids in prepared["chosen_ids"]) + sum(len(ids) for ids in prepared["rejected_ids"])
+        return estimate_bytes(2 * prompts + answers, self._prefix_hidden, self._prefix_dtype())
 
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         """Reference log-probs of every pair, once, as two new columns of the data set.

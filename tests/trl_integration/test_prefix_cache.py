@@ -14,6 +14,7 @@ from peft_steer import SteeringConfig
 from tests.conftest import ARCHITECTURES, make_model
 from tests.trl_integration.conftest import QUESTIONS, bipo_rows, collated, fast_args, no_dropout
 from trl_integration import SteerTrainer
+from trl_integration import trainer as trainer_module
 
 
 def trainer_for(tmp_path, tokenizer, cache, arch="llama", layers=(1,), positions="all", **settings):
@@ -94,6 +95,33 @@ def test_size_estimate_is_logged_first(tmp_path, tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
         trainer_for(tmp_path, tokenizer, "auto")
     assert any("Prefix cache: the output of blocks 0..1" in r.message and "MiB" in r.message for r in caplog.records)
+
+
+def test_an_eval_set_counts_in_the_size_and_the_storage(tmp_path, tokenizer, caplog, monkeypatch):
+    # Evaluation fills the cache too, so 'auto' chooses the storage for the train and eval sets together: here the
+    # eval set tips the total from host memory to disk.
+    sizes = []
+
+    def choose_storage(requested, size, device):
+        sizes.append(size)
+        return "cpu" if len(sizes) == 1 else "disk"
+
+    monkeypatch.setattr(trainer_module, "choose_storage", choose_storage)
+    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+        trainer = SteerTrainer(
+            model=no_dropout("llama"),
+            args=fast_args(tmp_path, prefix_cache="auto", max_steps=2, eval_strategy="steps", eval_steps=2),
+            train_dataset=Dataset.from_list(bipo_rows(QUESTIONS[:8])),
+            eval_dataset=Dataset.from_list(bipo_rows(QUESTIONS[8:12])),
+            processing_class=tokenizer,
+            peft_config=SteeringConfig(layers=[1]),
+        )
+    train_size, total = sizes
+    assert 0 < train_size < total and "the eval dataset adds about" in caplog.text
+    assert trainer._prefix_cache.storage == "disk"
+    trainer.train()
+    # 8 train and 4 eval pairs, chosen and rejected: 24 sequences, whose float32 outputs take exactly the estimate
+    assert len(trainer._prefix_cache.entries) == 24 and trainer._prefix_cache.nbytes == total
 
 
 def test_falls_back_with_a_reason(tmp_path, tokenizer, caplog):
