@@ -74,6 +74,14 @@ class PrefixCache:
             self._file = tempfile.NamedTemporaryFile(prefix="prefix-cache-", suffix=".bin", dir=directory)
         self._dtype: torch.dtype | None = None
 
+    def close(self) -> None:
+        """Drop every entry and delete the disk file, if any."""
+        self.entries.clear()
+        self.nbytes = 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     # ---- keys and storage ----------------------------------------------------------------------------------
 
     @staticmethod

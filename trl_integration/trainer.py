@@ -174,8 +174,11 @@ class SteerTrainer(DPOTrainer):
         # TRL casts the trainable parameters of a quantized model to bf16; the exact fp32 values are put back below.
         initial_vectors = peft_steer.get_vectors(model, self.adapter_name)
 
-        # The prefix cache is created once the train set is tokenized (`_prepare_dataset`, with a size estimate).
+        # The prefix cache is created once the train set is tokenized (`_prepare_dataset`, with a size estimate per
+        # data set: TRL prepares the train set first, then each evaluation set, also again in `evaluate(...)`).
         self._prefix_cache: PrefixCache | None = None
+        self._prefix_train_size: int | None = None
+        self._prefix_eval_sizes: dict[str, int] = {}
         self._prefix_block = min(tuner.peft_config[self.adapter_name].layers)
         self._prefix_hidden = tuner.peft_config[self.adapter_name].hidden_size
         self._prefix_model = model.get_base_model()
@@ -220,7 +223,7 @@ class SteerTrainer(DPOTrainer):
         """TRL's tokenization, plus warnings that count the pairs `max_length` truncates or drops."""
         count = len(dataset) if isinstance(dataset, Dataset) else None
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        if dataset_name == "train":
+        if self._prefix_train_size is None:  # TRL prepares the train set first (an eval set may be named "train")
             self._plan_prefix_cache(prepared, args)
         elif self._prefix_cache is not None:  # evaluation fills the cache with its sequences too
             self._resize_prefix_cache(prepared, args, dataset_name)
@@ -252,29 +255,44 @@ class SteerTrainer(DPOTrainer):
             )
         return prepared
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
+        """TRL's evaluation. A data set given here is checked and, for BiPO rows, formatted as those given to
+        `SteerTrainer(...)` are; one already tokenized (TRL passes them on per name) or a name is used as it is."""
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                key: _checked_unless_tokenized(value, self.processing_class, f"eval_dataset[{key!r}]")
+                for key, value in eval_dataset.items()
+            }
+        elif eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = _checked_unless_tokenized(eval_dataset, self.processing_class, "eval_dataset")
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
     def _plan_prefix_cache(self, prepared: Any, args: SteerConfig) -> None:
         """Create the prefix cache for this train set (or log why the plain path is used)."""
+        self._prefix_train_size = size = self._prefix_bytes(prepared)
         if self._prefix_off_reason is not None:
             logger.warning("Prefix cache off: %s. Every step runs the whole model.", self._prefix_off_reason)
             return
-        self._prefix_cache_bytes = self._prefix_bytes(prepared)
-        storage = choose_storage(args.prefix_cache, self._prefix_cache_bytes, args.device)
+        storage = choose_storage(args.prefix_cache, size, args.device)
         logger.warning(
             "Prefix cache: the output of blocks 0..%d for every training sequence, about %.1f MiB (%s), kept on %s.",
-            self._prefix_block, self._prefix_cache_bytes / 2**20, self._prefix_dtype(), storage,
+            self._prefix_block, size / 2**20, self._prefix_dtype(), storage,
         )  # fmt: skip
         self._prefix_cache = PrefixCache(self._prefix_model, self._prefix_block, storage, args.prefix_cache_dir)
 
     def _resize_prefix_cache(self, prepared: Any, args: SteerConfig, dataset_name: str) -> None:
-        """Count an evaluation set's sequences in the cache's size, and choose its storage again for the total."""
-        size = self._prefix_bytes(prepared)
-        self._prefix_cache_bytes += size
-        storage = choose_storage(args.prefix_cache, self._prefix_cache_bytes, args.device)
+        """Count an evaluation set's sequences in the cache's size (once per name: `evaluate` prepares its set again),
+        and choose the storage again for the total while the cache is still empty."""
+        self._prefix_eval_sizes[dataset_name] = size = self._prefix_bytes(prepared)
+        total = self._prefix_train_size + sum(self._prefix_eval_sizes.values())
+        cache = self._prefix_cache
+        storage = choose_storage(args.prefix_cache, total, args.device) if not cache.entries else cache.storage
         logger.warning(
             "Prefix cache: the %s dataset adds about %.1f MiB, %.1f MiB in all, kept on %s.",
-            dataset_name, size / 2**20, self._prefix_cache_bytes / 2**20, storage,
+            dataset_name, size / 2**20, total / 2**20, storage,
         )  # fmt: skip
-        if storage != self._prefix_cache.storage:  # nothing is cached before training: start again on the new storage
+        if storage != cache.storage:
+            cache.close()
             self._prefix_cache = PrefixCache(self._prefix_model, self._prefix_block, storage, args.prefix_cache_dir)
 
     def _prefix_dtype(self) -> torch.dtype:
@@ -338,9 +356,12 @@ class SteerTrainer(DPOTrainer):
         else:
             reason = offload_blocker(self._prefix_model, self._prefix_block)
         if reason is None and destination is not None:
-            cache = self._prefix_cache
             offloaded = OffloadedBlocks(
-                self._prefix_model, self._prefix_block, destination, lambda: cache.replaying, self.args.prefix_cache_dir
+                self._prefix_model,
+                self._prefix_block,
+                destination,
+                lambda: self._prefix_cache.replaying,
+                self.args.prefix_cache_dir,
             )
             reason = self._offload_room(offloaded)
         if reason is None and offloaded is not None:
@@ -503,8 +524,9 @@ class SteerTrainer(DPOTrainer):
             stack.enter_context(peft_steer.steering(peft_model, multiplier=multiplier, adapter_name=self.adapter_name))
             stack.enter_context(self._prompt_boundaries(peft_model, batch["completion_mask"]))
             cache = self._prefix_cache
-            if cache is not None:
-                cache.fill(batch["input_ids"], batch["attention_mask"], peft_model.disable_adapter())
+            if cache is not None:  # under the autocast of the reference pass, which fills the rest
+                with self.accelerator.autocast():
+                    cache.fill(batch["input_ids"], batch["attention_mask"], peft_model.disable_adapter())
                 stack.enter_context(cache.replay(batch["input_ids"], batch["attention_mask"]))
             return self._forward_logps(model, batch)
 
@@ -639,6 +661,12 @@ def _checked(dataset: Any, tokenizer: Any, name: str) -> Any:
     if not isinstance(dataset, Dataset):
         raise TypeError(f"SteerTrainer({name}=...) must be a datasets.Dataset, got {type(dataset).__name__}.")
     return check_preference_dataset(dataset, tokenizer, name=name)
+
+
+def _checked_unless_tokenized(dataset: Any, tokenizer: Any, name: str) -> Any:
+    if isinstance(dataset, Dataset) and "prompt_ids" in dataset.column_names:
+        return dataset
+    return _checked(dataset, tokenizer, name)
 
 
 def _steering_peft_model(model: nn.Module, peft_config: SteeringConfig | None) -> PeftModel:

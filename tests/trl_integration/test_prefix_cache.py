@@ -107,12 +107,13 @@ def test_an_eval_set_counts_in_the_size_and_the_storage(tmp_path, tokenizer, cap
         return "cpu" if len(sizes) == 1 else "disk"
 
     monkeypatch.setattr(trainer_module, "choose_storage", choose_storage)
+    evaluation = bipo_rows(QUESTIONS[8:12])
     with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
         trainer = SteerTrainer(
             model=no_dropout("llama"),
             args=fast_args(tmp_path, prefix_cache="auto", max_steps=2, eval_strategy="steps", eval_steps=2),
             train_dataset=Dataset.from_list(bipo_rows(QUESTIONS[:8])),
-            eval_dataset=Dataset.from_list(bipo_rows(QUESTIONS[8:12])),
+            eval_dataset=Dataset.from_list(evaluation),
             processing_class=tokenizer,
             peft_config=SteeringConfig(layers=[1]),
         )
@@ -122,6 +123,10 @@ def test_an_eval_set_counts_in_the_size_and_the_storage(tmp_path, tokenizer, cap
     trainer.train()
     # 8 train and 4 eval pairs, chosen and rejected: 24 sequences, whose float32 outputs take exactly the estimate
     assert len(trainer._prefix_cache.entries) == 24 and trainer._prefix_cache.nbytes == total
+    # `evaluate` prepares its set again: counted once, and the filled cache keeps its storage and entries
+    trainer.evaluate(eval_dataset=Dataset.from_list(evaluation))
+    assert len(sizes) == 2 and trainer._prefix_cache.storage == "disk" and len(trainer._prefix_cache.entries) == 24
+    assert f"{total / 2**20:.1f} MiB in all" in caplog.text
 
 
 def test_falls_back_with_a_reason(tmp_path, tokenizer, caplog):

@@ -13,10 +13,11 @@ from transformers import BitsAndBytesConfig
 
 import peft_steer
 from peft_steer import SteeringConfig
+from peft_steer.data import DataError
 from tests.conftest import make_model
 from trl_integration import SteerTrainer, sample_direction
 
-from .conftest import NO, QUESTIONS, YES, collated, fast_args, independent_logps
+from .conftest import NO, QUESTIONS, YES, bipo_rows, collated, fast_args, independent_logps
 
 BLOCK = 1
 
@@ -166,6 +167,26 @@ def test_evaluation_scores_both_directions(tmp_path, tokenizer, pairs):
     plus, minus = (trainer.bipo_loss(trainer.model, batch, (d,))[0].item() for d in (1.0, -1.0))
     assert metrics["eval_loss"] == pytest.approx((plus + minus) / 2, abs=1e-5)
     assert metrics["eval_direction"] == 0.0
+
+
+def test_evaluate_takes_the_data_sets_the_trainer_takes(tmp_path, tokenizer):
+    # BiPO rows given to `evaluate` are formatted as at init (they have no "chosen" column for TRL to read), alone or
+    # in a dict: the same loss as the set given at init.
+    rows = bipo_rows(QUESTIONS[8:12])
+    trainer = SteerTrainer(
+        model=make_model("llama"),
+        args=fast_args(tmp_path),
+        train_dataset=Dataset.from_list(bipo_rows(QUESTIONS[:8])),
+        eval_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=SteeringConfig(layers=[BLOCK], init="random"),
+    )
+    expected = trainer.evaluate()["eval_loss"]
+    assert trainer.evaluate(Dataset.from_list(rows))["eval_loss"] == pytest.approx(expected, abs=1e-6)
+    both = trainer.evaluate({"a": Dataset.from_list(rows), "b": Dataset.from_list(rows[:2])})
+    assert both["eval_a_loss"] == pytest.approx(expected, abs=1e-6) and both["eval_b_loss"] != both["eval_a_loss"]
+    with pytest.raises(DataError, match=r"eval_dataset\['b'\]"):
+        trainer.evaluate({"b": Dataset.from_list([{"question": "q", "matching": "a"}])})
 
 
 def test_bf16_model_keeps_an_fp32_vector(tmp_path, tokenizer, pairs):
