@@ -27,9 +27,10 @@ WORKER = os.path.join(HERE, "launch_worker.py")
 
 
 def _run(command: list[str]) -> str:
-    # Every launch names its config: none of the caller's ACCELERATE_* settings reach it.
+    # Every launch names its config: none of the caller's ACCELERATE_* settings reach it. No GPU is visible: on a
+    # machine with one, FSDP2 would put its default device mesh, and so the weights, there.
     env = {name: value for name, value in os.environ.items() if not name.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
