@@ -269,10 +269,11 @@ class SteerTrainer(DPOTrainer):
 
     def _plan_prefix_cache(self, prepared: Any, args: SteerConfig) -> None:
         """Create the prefix cache for this train set (or log why the plain path is used)."""
-        self._prefix_train_size = size = self._prefix_bytes(prepared)
         if self._prefix_off_reason is not None:
+            self._prefix_train_size = 0
             logger.warning("Prefix cache off: %s. Every step runs the whole model.", self._prefix_off_reason)
             return
+        self._prefix_train_size = size = self._prefix_bytes(prepared)
         storage = choose_storage(args.prefix_cache, size, args.device)
         logger.warning(
             "Prefix cache: the output of blocks 0..%d for every training sequence, about %.1f MiB (%s), kept on %s.",
