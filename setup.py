@@ -11,10 +11,12 @@ setup(
     packages=find_packages(include=["peft_steer", "peft_steer.*", "trl_integration", "trl_integration.*"]),
     include_package_data=True,
     package_data={"peft_steer": ["datasets/*/*.csv", "datasets/LICENSE", "datasets/README.md", "organism/model/*"]},
-    # Lower bounds are the versions this was tested with.
+    # Lower bounds are the versions this was tested with. transformers: tested on 5.23 and 5.24 (5.0 fails 16 tests);
+    # tests/peft_steer/test_generation.py checks what `generate` feeds the model, so a release that changes it fails
+    # CI before it reaches users. 6.0 drops generation arguments that 5.x only deprecates: not covered.
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.0",
+        "transformers>=5.23,<6",
         "peft>=0.21",
         "trl>=1.16",
         "accelerate>=1.15",

@@ -12,6 +12,7 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+from transformers import Cache
 
 from .blocks import find_block_list, hidden_size_of
 from .config import SteeringConfig
@@ -362,20 +363,9 @@ class SteeringModel(BaseTuner):
         return (columns[None, :] >= lengths[:, None] - 1).float()
 
     def _record_columns(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # The column (in the padded sequence) of this call's first token: 0 for a full forward, the cache length
-        # for a KV-cached generation step. Only positions='completion' needs it.
-        if not any(config.positions == "completion" for config in self.peft_config.values()):
-            return
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        if tokens is None:
-            tokens = kwargs.get("inputs_embeds")
-        mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
-        if tokens is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            self._column_offset = mask.shape[1] - tokens.shape[1]
-        elif cache is not None and hasattr(cache, "get_seq_length"):
-            self._column_offset = int(cache.get_seq_length())
-        else:
-            self._column_offset = 0
+        # Only positions='completion' needs to know where in the padded sequence this call's tokens stand.
+        if any(config.positions == "completion" for config in self.peft_config.values()):
+            self._column_offset = first_column(args, kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` with each row's prompt end taken from the attention mask (left or right padding)."""
@@ -390,6 +380,25 @@ class SteeringModel(BaseTuner):
             lengths = (columns * (mask > 0)).max(dim=1).values  # one past each row's last real prompt token
         with self.prompt_lengths(lengths):
             return self.model.generate(*args, **kwargs)
+
+
+def first_column(args: tuple, kwargs: dict) -> int:
+    """Column, in the whole (padded) sequence, of the first token that a forward call with these inputs processes.
+
+    0 for a full forward; the number of cached tokens for a KV-cached generation step. Read from public inputs only,
+    never from how ``generate`` names or fills them (transformers 5.24 renamed ``past_key_values`` to ``cache`` and
+    stopped passing an all-ones attention mask): a 2-D attention mask covers the cached and the new tokens; without
+    one, a ``Cache`` passed under any keyword holds the tokens before this call; with neither, the call sees the
+    whole sequence.
+    """
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    mask = kwargs.get("attention_mask")
+    if tokens is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask.shape[1] - tokens.shape[1]
+    cache = next((value for value in kwargs.values() if isinstance(value, Cache)), None)
+    return int(cache.get_seq_length()) if cache is not None else 0
 
 
 def _tuner_path(model: nn.Module) -> str:

@@ -6,6 +6,7 @@ from peft import get_peft_model
 
 import peft_steer
 from peft_steer import SteeringConfig
+from peft_steer.model import first_column
 from tests.conftest import make_model
 
 PROMPTS = ["Would you accept more power", "Yes"]
@@ -109,3 +110,69 @@ def test_per_row_multipliers_in_generate(tokenizer):
             alone, _ = generate(model, tokenizer([PROMPTS[0]], return_tensors="pt"))
         assert torch.equal(batch[row], alone[0])
     assert not torch.equal(batch[0], batch[1])
+
+
+# ---- the steering rule against what transformers' generate actually feeds the model ------------------------------
+
+
+def record_forward_calls(model) -> list[tuple[int, int]]:
+    """(token width, first_column) of every call that generate makes to the model, read when the call is made: the
+    KV cache passed to it fills up afterwards."""
+    calls = []
+
+    def record(module, args, kwargs):
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        calls.append((tokens.shape[1], first_column(args, kwargs)))
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("inputs", ["single", "left-padded", "no-mask"])
+def test_first_column_of_every_call_generate_makes(arch, tokenizer, use_cache, inputs):
+    """The column rule reads generate's calls right in every case: prefill at 0, each cached step at the number of
+    tokens before it, each uncached step at 0 (the whole sequence again)."""
+    model = make_model(arch)
+    calls = record_forward_calls(model)
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(PROMPTS if inputs == "left-padded" else PROMPTS[:1], return_tensors="pt", padding=True)
+    if inputs == "no-mask":
+        del encoded["attention_mask"]
+    model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=use_cache)
+    width = encoded["input_ids"].shape[1]
+    assert len(calls) == 4
+    for step, (tokens, column) in enumerate(calls):
+        if use_cache:
+            expected = (width, 0) if step == 0 else (1, width + step - 1)
+        else:
+            expected = (width + step, 0)
+        assert (tokens, column) == expected, f"call {step}"
+
+
+@pytest.mark.parametrize("inputs", ["single", "left-padded"])
+def test_completion_steering_in_generate_equals_a_full_forward_loop(arch, tokenizer, inputs):
+    """Steered greedy generation (KV cache, whatever generate passes) equals a loop of plain full forwards that
+    steer from each row's last prompt token, written here without generate."""
+    model = get_peft_model(make_model(arch), SteeringConfig(layers=[1], positions="completion"))
+    peft_steer.set_vectors(model, {1: 2 * torch.randn(32, generator=torch.Generator().manual_seed(3))})
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(PROMPTS if inputs == "left-padded" else PROMPTS[:1], return_tensors="pt", padding=True)
+    generated, logits = generate(model, encoded)
+
+    tokens, mask = encoded["input_ids"], encoded["attention_mask"]
+    lengths = torch.full((tokens.shape[0],), tokens.shape[1])
+    expected_tokens, expected_logits = [], []
+    with torch.no_grad(), peft_steer.prompt_lengths(model, lengths):
+        for _ in range(NEW_TOKENS):
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            last = model(input_ids=tokens, attention_mask=mask, position_ids=positions).logits[:, -1]
+            expected_logits.append(last)
+            expected_tokens.append(last.argmax(dim=-1))
+            tokens = torch.cat([tokens, expected_tokens[-1][:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    with model.disable_adapter():
+        unsteered, _ = generate(model, encoded)
+    assert not torch.equal(generated, unsteered), "the vector should change what is generated"
+    assert torch.equal(generated, torch.stack(expected_tokens, dim=1))
+    assert torch.allclose(logits, torch.stack(expected_logits, dim=1), atol=1e-4)

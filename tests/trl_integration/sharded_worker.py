@@ -1,10 +1,11 @@
 """Run by test_sharding.py under `torchrun --nproc_per_node 2` (gloo on CPU): a steering adapter on a model sharded
 by FSDP2 or DeepSpeed ZeRO-2 / ZeRO-3, compared on every rank with the same adapter on an unsharded copy.
 
-Usage: sharded_worker.py fsdp2|zero2|zero3 float32|bfloat16 OUTPUT_DIR
+Usage: sharded_worker.py fsdp2|zero2|zero3 OUTPUT_DIR DTYPE [DTYPE ...]   (DTYPE: float32 or bfloat16)
 
-Each rank writes rank<N>.json with the largest differences it measured; rank 0 also saves the adapter the way
-`Trainer.save_model` does under that engine (a full state dict handed to `save_pretrained`).
+For each dtype, in OUTPUT_DIR/DTYPE/, each rank writes rank<N>.json with the largest differences it measured; rank 0
+also saves the adapter the way `Trainer.save_model` does under that engine (a full state dict handed to
+`save_pretrained`). One launch runs every dtype: starting the processes costs more than the runs.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def largest(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    engine_name, dtype, output_dir = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
+    engine_name, output_dir, dtypes = sys.argv[1], sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
     if engine_name.startswith("zero"):
         import deepspeed
@@ -51,8 +52,16 @@ def main() -> None:
         deepspeed.init_distributed("gloo")
     else:
         dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    for dtype in dtypes:
+        folder = os.path.join(output_dir, dtype)
+        os.makedirs(folder, exist_ok=True)
+        compare(engine_name, getattr(torch, dtype), folder)
+        dist.barrier()
+    dist.destroy_process_group()
 
+
+def compare(engine_name: str, dtype: torch.dtype, output_dir: str) -> None:
+    rank = dist.get_rank()
     reference, model = steered_model(dtype), steered_model(dtype)  # same seed: the same weights and vector
     vector = vector_of(model)
     if engine_name == "fsdp2":
@@ -135,8 +144,6 @@ def main() -> None:
         model.save_pretrained(os.path.join(output_dir, "adapter"), state_dict=state_dict)
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as file:
         json.dump(result, file)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

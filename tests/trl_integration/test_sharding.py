@@ -29,26 +29,44 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def _run_worker(engine: str, dtype: str, output_dir: str) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [os.path.join(HERE, "sharded_worker.py"), engine, dtype, output_dir]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+DTYPES = ["float32", "bfloat16"]
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    """``run(engine)``: the folder of the worker's results for every dtype; one launch per engine."""
+    folders: dict[str, str] = {}
+
+    def run(engine: str) -> str:
+        if engine not in folders:
+            folder = str(tmp_path_factory.mktemp(engine))
+            env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+            command += [os.path.join(HERE, "sharded_worker.py"), engine, folder, *DTYPES]
+            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            folders[engine] = folder
+        return folders[engine]
+
+    return run
+
+
+def _ranks(folder: str) -> list[dict]:
     ranks = []
     for rank in range(2):
-        with open(os.path.join(output_dir, f"rank{rank}.json")) as file:
+        with open(os.path.join(folder, f"rank{rank}.json")) as file:
             ranks.append(json.load(file))
     return ranks
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
-def test_sharded_adapter_matches_the_unsharded_one(engine, dtype, tmp_path):
+def test_sharded_adapter_matches_the_unsharded_one(engine, dtype, sharded_runs):
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
-    ranks = _run_worker(engine, dtype, str(tmp_path))
+    folder = os.path.join(sharded_runs(engine), dtype)
+    ranks = _ranks(folder)
     bf16_deepspeed = engine.startswith("zero") and dtype == "bfloat16"  # DeepSpeed reduces bf16 gradients in bf16
     for result in ranks:
         assert result["world_size"] == 2
@@ -60,8 +78,8 @@ def test_sharded_adapter_matches_the_unsharded_one(engine, dtype, tmp_path):
         # After one AdamW step every rank gathers the whole float32 vector, equal to the unsharded update.
         assert result["shape"] == [32]
         assert result["moved"] > 5e-3 and result["updated"] < 1e-6
-    vector = torch.load(tmp_path / "vector.pt", weights_only=True)["vector"]
-    config, saved = read_adapter(str(tmp_path / "adapter"))
+    vector = torch.load(os.path.join(folder, "vector.pt"), weights_only=True)["vector"]
+    config, saved = read_adapter(os.path.join(folder, "adapter"))
     assert config.layers == [1]
     # Saved from the engine's full state dict (what Trainer.save_model hands save_pretrained). DeepSpeed in bf16 holds
     # the model in bf16, so the saved vector is the float32 master copy rounded to bf16.
