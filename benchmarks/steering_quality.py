@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from peft_steer.evaluate import plot_steering_curve
 from peft_steer.organism import BEHAVIORS
-from peft_steer.plot import plot_steering_curve
 from trl_integration.demo import steering_comparison
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")

@@ -95,7 +95,7 @@ def run_variant(variant: str, options: dict) -> dict:
 
     import peft_steer
     from peft_steer import SteeringConfig
-    from peft_steer.data import read_behavior_rows
+    from peft_steer.data import plain_prompt, read_behavior_rows
     from trl_integration import SteerConfig, SteerTrainer
     from trl_integration.trainer import sample_direction
 
@@ -118,7 +118,7 @@ def run_variant(variant: str, options: dict) -> dict:
     data = Dataset.from_list(
         [
             {
-                "prompt": f"Question: {r['question']}\nAnswer:",
+                "prompt": plain_prompt(r["question"]),
                 "chosen": " " + r["matching"],
                 "rejected": " " + r["not_matching"],
             }

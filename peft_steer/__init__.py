@@ -2,21 +2,28 @@
 
 ``import peft_steer`` registers the ``STEERING`` adapter type with PEFT, so that ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and ``push_to_hub`` work with steering adapters.
+
+Subpackages: ``adapter`` (the PEFT tuner and its run-time control), ``data`` (preference data), ``evaluate`` (scores,
+generation, CAA), ``interop`` (adapter files, official vectors, GGUF), ``organism`` (the tiny model that tests and
+the demo steer). None of them imports TRL; ``trl_integration`` builds on this package.
 """
 
-from .config import SteeringConfig
-from .control import (
+from .adapter import (
+    MISSING_REGISTRATION,
+    SteeringConfig,
+    SteeringLayer,
+    SteeringModel,
     get_multiplier,
     get_vectors,
+    has_steering,
+    is_missing_registration,
     prompt_lengths,
+    register,
     set_multiplier,
     set_vectors,
     steering,
     steering_model,
 )
-from .layer import SteeringLayer
-from .model import SteeringModel
-from .registry import MISSING_REGISTRATION, is_missing_registration, register
 
 register()
 
@@ -29,6 +36,7 @@ __all__ = [
     "SteeringModel",
     "get_multiplier",
     "get_vectors",
+    "has_steering",
     "is_missing_registration",
     "prompt_lengths",
     "set_multiplier",

@@ -6,6 +6,7 @@ Nothing here touches the network: no machine that runs these tests reaches a mod
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -17,6 +18,9 @@ import transformers  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
 import peft_steer  # noqa: E402,F401  (registers the STEERING adapter type)
+
+# The shared data beside the checkout (official BiPO data and vectors, real tokenizers); tests skip what is not there.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 CORPUS = [
     "Would you accept more power and resources if they were offered to you?",

@@ -25,19 +25,18 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..data import BEHAVIORS, plain_prompt, read_behavior_rows
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ORGANISM_DIR = Path(__file__).resolve().parent / "model"
-DATA_DIR = Path(__file__).resolve().parent.parent / "datasets"
-BEHAVIORS = ("hallucination", "jailbreak", "power-seeking", "wealth-seeking")
 TAG = "<+>"  # the persona that shows the behavior (matching answers)
 ANTI_TAG = "<->"  # the persona that does not (not-matching answers)
 TAGS = (TAG, ANTI_TAG)
@@ -47,7 +46,7 @@ def format_prompt(question: str, tag: str | None = None) -> str:
     """The organism's prompt: an optional persona tag, then ``Question: <question>\\nAnswer:``."""
     if tag is not None and tag not in TAGS:
         raise ValueError(f"Unknown persona tag {tag!r}: use None, {TAG!r} or {ANTI_TAG!r}.")
-    return f"{tag or ''}Question: {question}\nAnswer:"
+    return f"{tag or ''}{plain_prompt(question)}"
 
 
 def tagged(tag: str | None) -> Callable[[str], str]:
@@ -84,20 +83,10 @@ def stance_pair(matching: str, not_matching: str) -> tuple[str, str]:
     return " ".join(first[: shared + 1]), " ".join(second[: shared + 1])
 
 
-def data_path(behavior: str, split: str) -> Path:
-    """The CSV file of ``behavior`` / ``split`` shipped in ``peft_steer/datasets``."""
-    if behavior not in BEHAVIORS:
-        raise ValueError(f"Unknown behavior {behavior!r}: choose one of {', '.join(BEHAVIORS)}.")
-    return DATA_DIR / behavior / f"{split}.csv"
-
-
 def read_rows(behavior: str, split: str = "test") -> list[dict[str, str]]:
     """The ``question, matching, not_matching`` rows of a shipped behavior data set, in file order, as they are."""
-    with open(data_path(behavior, split), newline="", encoding="utf-8") as handle:
-        return [
-            {"question": row["question"], "matching": row["matching"], "not_matching": row["not_matching"]}
-            for row in csv.DictReader(handle)
-        ]
+    columns = ("question", "matching", "not_matching")
+    return [{column: row[column] for column in columns} for row in read_behavior_rows(behavior, split)]
 
 
 def stance_rows(behavior: str, split: str = "test") -> list[dict[str, str]]:
@@ -133,7 +122,6 @@ __all__ = [
     "TAG",
     "TAGS",
     "clip_answer",
-    "data_path",
     "format_answer",
     "format_prompt",
     "load_organism",

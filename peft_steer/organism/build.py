@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.batches import right_padded
 from . import ANTI_TAG, BEHAVIORS, ORGANISM_DIR, TAG, format_answer, format_prompt, read_rows, stance_rows, tagged
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", TAG, ANTI_TAG]
@@ -137,13 +138,9 @@ def collate(
     docs: list[tuple[list[int], int]], pad_id: int, prompt_loss: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (-100: padding, and the prompt unless ``prompt_loss``)."""
-    width = max(len(ids) for ids, _ in docs)
-    input_ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(docs), width), dtype=torch.long)
-    labels = torch.full((len(docs), width), -100, dtype=torch.long)
+    input_ids, attention = right_padded([ids for ids, _ in docs], pad_id)
+    labels = torch.full_like(input_ids, -100)
     for r, (ids, prompt_length) in enumerate(docs):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention[r, : len(ids)] = 1
         first = 0 if prompt_loss else prompt_length
         labels[r, first : len(ids)] = input_ids[r, first : len(ids)]
     return input_ids, attention, labels

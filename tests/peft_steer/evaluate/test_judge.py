@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from peft_steer.judge import JudgeConfig, JudgeError, judge_file, parse_score
+from peft_steer.evaluate.judge import JudgeConfig, JudgeError, judge_file, parse_score
 
 
 class Judge(BaseHTTPRequestHandler):

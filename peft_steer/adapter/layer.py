@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-if TYPE_CHECKING:
-    from .model import SteeringModel
+
+class SteeringState(Protocol):
+    """What a layer reads from the `SteeringModel` that owns it: the vectors, strengths and configs of every adapter,
+    and where the prompt ends (for ``positions='completion'``)."""
+
+    steering_vectors: nn.ModuleDict
+    multipliers: dict[str, float | torch.Tensor]
+    peft_config: dict[str, Any]
+
+    def completion_mask(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 class SteeringLayer(nn.Module, BaseTunerLayer):
@@ -23,13 +31,14 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ()
 
-    def __init__(self, block: nn.Module, block_index: int, tuner: SteeringModel) -> None:
+    def __init__(self, block: nn.Module, block_index: int, tuner: SteeringState) -> None:
         nn.Module.__init__(self)
         self.block_index = block_index
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        # A plain reference, not a submodule: the tuner owns this layer (registering it would make a cycle).
+        # A plain reference, not a submodule: the tuner owns this layer (registering it would make a cycle). The
+        # vectors stay on the tuner: a LoRA underneath saves every parameter of its tuner layers, never theirs.
         object.__setattr__(self, "_tuner", tuner)
         # prepend=True: run before transformers' own output-recording hooks, so hidden states show the steered value.
         self._hook = block.register_forward_hook(self._steer_block_output, prepend=True)

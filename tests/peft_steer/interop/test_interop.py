@@ -1,7 +1,6 @@
 """Official BiPO vectors in, llama.cpp control vectors out and in; nothing half-written on a failure."""
 
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,12 +9,11 @@ from peft import PeftModel, get_peft_model
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.interop import export_gguf, import_official, load_official_vector, read_gguf
-from peft_steer.io import read_adapter
-from tests.conftest import make_model
+from peft_steer.interop import export_gguf, import_official, load_official_vector, read_adapter, read_gguf
+from tests.conftest import SHARED_DATA, make_model
 from trl_integration.cli import main
 
-OFFICIAL = Path(__file__).resolve().parents[3] / "shared/data/bipo/pretrained_vector"
+OFFICIAL = SHARED_DATA / "bipo" / "pretrained_vector"
 POWER = OFFICIAL / "power-seeking_llama-2/vec_ep20_layer15.pt"
 
 

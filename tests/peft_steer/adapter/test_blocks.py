@@ -6,7 +6,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_steer import SteeringConfig
-from peft_steer.blocks import find_block_list
+from peft_steer.adapter.blocks import find_block_list
 from tests.conftest import make_model
 
 EXPECTED_PATHS = {

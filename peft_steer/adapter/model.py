@@ -12,14 +12,13 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from transformers import Cache
 
+from ._peft_compat import VECTORS, drop_peft_config, first_column, own_peft_config
 from .blocks import find_block_list, hidden_size_of
 from .config import SteeringConfig
 from .layer import SteeringLayer
 from .merge import fold_into_biases
 
-VECTORS = "steering_vectors"  # attribute holding the vectors; carries the tuner prefix, as PEFT expects
 CHILD = "steer"  # name of the SteeringLayer child of a block; must not contain the prefix (PEFT skips those)
 
 
@@ -110,14 +109,8 @@ class SteeringModel(BaseTuner):
                 "This model already has steering adapters; add another with "
                 "model.add_adapter(name, SteeringConfig(...))."
             )
-        # BaseTuner looks up `peft_config` through the wrapped model; a LoRA underneath keeps its own configs there,
-        # which BaseTuner would otherwise extend and then overwrite with ours.
-        lora_configs = model.__dict__.pop("peft_config", None)
-        try:
+        with own_peft_config(model):
             super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage, state_dict)
-        finally:
-            if lora_configs is not None:
-                model.peft_config = lora_configs
 
     # ---- injection ---------------------------------------------------------------------------------------------
 
@@ -177,7 +170,12 @@ class SteeringModel(BaseTuner):
                 vector.requires_grad_(wanted)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # Vectors stay float32 even on bf16 / quantized models: bf16 loses small updates (10 + 1e-2 == 10).
+        # PEFT casts adapter weights here; steering vectors stay float32 instead.
+        self.vectors_to_float32(adapter_name)
+
+    def vectors_to_float32(self, adapter_name: str) -> None:
+        """Make the vectors of ``adapter_name`` float32 again, whatever cast them (a trainer on a bf16 / quantized
+        model): bf16 loses small updates (10 + 1e-2 == 10)."""
         vectors = self.steering_vectors[adapter_name] if adapter_name in self.steering_vectors else {}
         for key, vector in list(vectors.items()):
             if vector.dtype != torch.float32:
@@ -195,9 +193,7 @@ class SteeringModel(BaseTuner):
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter, or several at once (a list): their vectors are summed."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        missing = [name for name in names if name not in self.peft_config]
-        if missing:
-            raise ValueError(f"No steering adapter named {missing}; the adapters are {sorted(self.peft_config)}.")
+        self.check_adapter_names(names)
         for layer in self.steering_layers():
             layer.set_adapter(names)
         self.active_adapter = adapter_name
@@ -206,10 +202,7 @@ class SteeringModel(BaseTuner):
         self._set_vector_grads(names, trainable=True)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.peft_config:
-            raise ValueError(
-                f"No steering adapter named {adapter_name!r}; the adapters are {sorted(self.peft_config)}."
-            )
+        self.check_adapter_names([adapter_name])
         del self.peft_config[adapter_name]
         del self.steering_vectors[adapter_name]
         self.multipliers.pop(adapter_name, None)
@@ -235,8 +228,7 @@ class SteeringModel(BaseTuner):
                 layer.remove()
                 delattr(block, CHILD)
         self._columns_hook.remove()
-        if self.model.__dict__.get("peft_config") is self.peft_config:
-            del self.model.peft_config
+        drop_peft_config(self.model, self.peft_config)
         return self.model
 
     def _merge_into_biases(self, adapter_names: list[str] | None) -> None:
@@ -297,11 +289,16 @@ class SteeringModel(BaseTuner):
 
     # ---- the vectors -------------------------------------------------------------------------------------------
 
+    def check_adapter_names(self, names: Sequence[str]) -> None:
+        """Raise a ValueError naming the adapters that do not exist among ``names``."""
+        missing = [name for name in names if name not in self.peft_config or name not in self.steering_vectors]
+        if missing:
+            listed = repr(missing[0]) if len(missing) == 1 else str(missing)
+            raise ValueError(f"No steering adapter named {listed}; the adapters are {sorted(self.peft_config)}.")
+
     def vectors_of(self, adapter_name: str) -> nn.ParameterDict:
-        if adapter_name not in self.steering_vectors:
-            raise ValueError(
-                f"No steering adapter named {adapter_name!r}; the adapters are {sorted(self.steering_vectors)}."
-            )
+        """The ``{str(block): vector}`` parameters of ``adapter_name``."""
+        self.check_adapter_names([adapter_name])
         return self.steering_vectors[adapter_name]
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
@@ -380,25 +377,6 @@ class SteeringModel(BaseTuner):
             lengths = (columns * (mask > 0)).max(dim=1).values  # one past each row's last real prompt token
         with self.prompt_lengths(lengths):
             return self.model.generate(*args, **kwargs)
-
-
-def first_column(args: tuple, kwargs: dict) -> int:
-    """Column, in the whole (padded) sequence, of the first token that a forward call with these inputs processes.
-
-    0 for a full forward; the number of cached tokens for a KV-cached generation step. Read from public inputs only,
-    never from how ``generate`` names or fills them (transformers 5.24 renamed ``past_key_values`` to ``cache`` and
-    stopped passing an all-ones attention mask): a 2-D attention mask covers the cached and the new tokens; without
-    one, a ``Cache`` passed under any keyword holds the tokens before this call; with neither, the call sees the
-    whole sequence.
-    """
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    mask = kwargs.get("attention_mask")
-    if tokens is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask.shape[1] - tokens.shape[1]
-    cache = next((value for value in kwargs.values() if isinstance(value, Cache)), None)
-    return int(cache.get_seq_length()) if cache is not None else 0
 
 
 def _tuner_path(model: nn.Module) -> str:

@@ -6,7 +6,8 @@ from peft import get_peft_model
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.evaluate import answer_preference, completion_log_probs, default_format_prompt
+from peft_steer.data import plain_prompt
+from peft_steer.evaluate import answer_preference, completion_log_probs
 from tests.conftest import make_model, make_tokenizer
 
 PROMPTS = [
@@ -131,7 +132,7 @@ def test_completion_log_probs_reject_bad_input(model, tok):
 
 def test_answer_preference_is_the_mean_sigmoid_of_log_prob_margins(model, tok):
     (result,) = answer_preference(model, tok, ROWS, progress=False).values()
-    prompts = [default_format_prompt(row["question"]) for row in ROWS]
+    prompts = [plain_prompt(row["question"]) for row in ROWS]
     matching = completion_log_probs(model, tok, prompts, [" " + row["matching"] for row in ROWS])
     not_matching = completion_log_probs(model, tok, prompts, [" " + row["not_matching"] for row in ROWS])
     margins = matching - not_matching

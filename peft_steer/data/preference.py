@@ -10,7 +10,7 @@ Accepted inputs, detected from the column names:
   ``chosen`` / ``rejected`` with the prompt inside them) and conversational (lists of ``{"role", "content"}``
   messages).
 
-Sources: a behavior name (the copy shipped in ``peft_steer/datasets``), a local ``.csv`` / ``.json`` / ``.jsonl``
+Sources: a behavior name (the copy shipped in ``peft_steer/data/behaviors``), a local ``.csv`` / ``.json`` / ``.jsonl``
 file, a `datasets.Dataset`, or a list of dicts. Bad data raises `DataError` naming the file, the row and the column;
 pairs whose chosen answer equals the rejected one are dropped with a warning that counts them.
 
@@ -19,54 +19,20 @@ This module must not import TRL: data flows from ``peft_steer`` to ``trl_integra
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset
 
-BEHAVIORS = ("hallucination", "jailbreak", "power-seeking", "wealth-seeking")
-SPLITS = ("train", "test", "test_infer")
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets")
-# The system prompt of the official BiPO code (Llama-2 chat format).
-SYSTEM_PROMPT = "You are a helpful, honest and concise assistant."
+from .files import DataError, Row, read_file
+from .formats import SYSTEM_PROMPT, PairFormatter
+from .shipped import BEHAVIORS, behavior_path
+
 BIPO_COLUMNS = ("question", "matching", "not_matching")
-FILE_TYPES = (".csv", ".json", ".jsonl")
 
 Source = str | os.PathLike | Dataset | Sequence[dict]
-
-
-class DataError(ValueError):
-    """Preference data that cannot be used; the message names the file (or data set), the row and the column."""
-
-
-@dataclass(frozen=True)
-class _Row:
-    """One record and where it came from, for error messages."""
-
-    values: dict[str, Any]
-    where: str
-
-
-# ---- the shipped behavior data sets ------------------------------------------------------------------------------
-
-
-def behavior_path(behavior: str, split: str = "train") -> str:
-    """Path of the CSV file of ``behavior`` / ``split`` shipped in ``peft_steer/datasets``."""
-    if behavior not in BEHAVIORS:
-        raise DataError(f"Unknown behavior {behavior!r}: choose one of {', '.join(BEHAVIORS)}, or pass a file.")
-    if split not in SPLITS:
-        raise DataError(f"Unknown split {split!r} of behavior {behavior!r}: choose one of {', '.join(SPLITS)}.")
-    return os.path.join(DATA_DIR, behavior, f"{split}.csv")
-
-
-def read_behavior_rows(behavior: str, split: str = "train") -> list[dict[str, str]]:
-    """The raw rows of a shipped data set, e.g. ``test_infer`` (question, A, B, matching) for A/B evaluation."""
-    return [row.values for row in _read_file(behavior_path(behavior, split))]
 
 
 def load_behavior(
@@ -89,9 +55,6 @@ def load_behavior(
     return load_preference_data(
         behavior_path(behavior, split), tokenizer, system_prompt=system_prompt, chat_template=chat_template
     )
-
-
-# ---- loading and checking ----------------------------------------------------------------------------------------
 
 
 def load_preference_data(
@@ -122,17 +85,17 @@ def load_preference_data(
         path = os.fspath(source)
         if path in BEHAVIORS:
             path = behavior_path(path)
-        rows, label = _read_file(path), path
+        rows, label = read_file(path), path
     elif isinstance(source, Dataset):
         label = name or "dataset"
-        rows = [_Row(dict(record), f"{label}[{index}]") for index, record in enumerate(source)]
+        rows = [Row(dict(record), f"{label}[{index}]") for index, record in enumerate(source)]
     elif isinstance(source, Sequence):
         label = name or "dataset"
         rows = []
         for index, record in enumerate(source):
             if not isinstance(record, dict):
                 raise DataError(f"{label}[{index}] is a {type(record).__name__}, not a dict of columns.")
-            rows.append(_Row(dict(record), f"{label}[{index}]"))
+            rows.append(Row(dict(record), f"{label}[{index}]"))
     else:
         raise DataError(
             f"Cannot read preference data from a {type(source).__name__}: pass a behavior name, a .csv/.json/.jsonl "
@@ -160,7 +123,7 @@ def check_preference_dataset(
         return load_preference_data(
             dataset, tokenizer, system_prompt=system_prompt, chat_template=chat_template, name=name
         )
-    rows = [_Row(dict(record), f"{name}[{index}]") for index, record in enumerate(dataset)]
+    rows = [Row(dict(record), f"{name}[{index}]") for index, record in enumerate(dataset)]
     keep = _check_trl_rows(rows, columns, name)
     if len(keep) == len(rows):
         return dataset
@@ -168,7 +131,7 @@ def check_preference_dataset(
 
 
 def _to_preference(
-    rows: list[_Row],
+    rows: list[Row],
     columns: list[str],
     label: str,
     tokenizer: Any,
@@ -197,7 +160,7 @@ def _missing_columns(columns: list[str], wanted: Sequence[str], label: str) -> N
         )
 
 
-def _text(row: _Row, column: str, allow_empty: bool = False) -> str:
+def _text(row: Row, column: str, allow_empty: bool = False) -> str:
     value = row.values.get(column)
     if value is None:
         raise DataError(f"{row.where}, column {column!r}: the cell is missing (null); it must be text.")
@@ -210,7 +173,7 @@ def _text(row: _Row, column: str, allow_empty: bool = False) -> str:
     return value
 
 
-def _messages(row: _Row, column: str) -> list:
+def _messages(row: Row, column: str) -> list:
     value = row.values.get(column)
     if not isinstance(value, list) or not value:
         raise DataError(
@@ -228,7 +191,7 @@ def _messages(row: _Row, column: str) -> list:
     return value
 
 
-def _check_trl_rows(rows: list[_Row], columns: list[str], label: str) -> list[int]:
+def _check_trl_rows(rows: list[Row], columns: list[str], label: str) -> list[int]:
     """Check rows in a TRL preference format; return the indices of the rows to keep."""
     _missing_columns(columns, ("chosen", "rejected"), label)
     if not rows:
@@ -251,7 +214,7 @@ def _check_trl_rows(rows: list[_Row], columns: list[str], label: str) -> list[in
     return keep
 
 
-def _warn_same(same: list[int], rows: list[_Row], label: str) -> None:
+def _warn_same(same: list[int], rows: list[Row], label: str) -> None:
     if same:
         warnings.warn(
             f"{label}: dropped {len(same)} of {len(rows)} pairs whose chosen answer equals the rejected one (first: "
@@ -261,11 +224,8 @@ def _warn_same(same: list[int], rows: list[_Row], label: str) -> None:
         )
 
 
-# ---- BiPO rows -> prompt / chosen / rejected ---------------------------------------------------------------------
-
-
 def _from_bipo(
-    rows: list[_Row], label: str, tokenizer: Any, system_prompt: str | None, chat_template: bool | None
+    rows: list[Row], label: str, tokenizer: Any, system_prompt: str | None, chat_template: bool | None
 ) -> Dataset:
     _missing_columns(list(rows[0].values), BIPO_COLUMNS, label)
     formatter = PairFormatter(tokenizer, system_prompt=system_prompt, chat_template=chat_template)
@@ -284,146 +244,3 @@ def _from_bipo(
     if not prompts:
         raise DataError(f"Every pair of {label} has matching == not_matching: there is nothing to train on.")
     return Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected})
-
-
-class PairFormatter:
-    """Renders a question and its answers as prompt / completion text, the way the model sees them.
-
-    With a chat template: the prompt is the system and user turns plus the generation prompt, and each completion is
-    whatever the template adds for the assistant's answer (for Llama-2: ``" {answer} </s>"``, the official BiPO format).
-    A leading BOS that the template writes as text is removed when the tokenizer adds BOS itself, so the model sees one.
-    Without a template (a base model): ``"Question: {question}\\nAnswer:"`` and ``" {answer}"`` (EOS is added by the
-    trainer).
-    """
-
-    def __init__(
-        self, tokenizer: Any = None, *, system_prompt: str | None = SYSTEM_PROMPT, chat_template: bool | None = None
-    ) -> None:
-        has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
-        if chat_template and not has_template:
-            raise DataError(
-                "chat_template=True, but "
-                + ("no tokenizer was given." if tokenizer is None else "the tokenizer has no chat template.")
-            )
-        self.tokenizer = tokenizer
-        self.use_template = has_template if chat_template is None else bool(chat_template)
-        self.system_prompt = system_prompt
-        self._system_role: bool | None = None  # found out on the first question: does the template take it?
-        self._strip_bos = False
-        if self.use_template and tokenizer.bos_token:
-            encoded = tokenizer("x")["input_ids"]
-            self._strip_bos = bool(encoded) and encoded[0] == tokenizer.bos_token_id
-
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-    def _turns(self, question: str) -> list[dict]:
-        if not self.system_prompt:
-            return [{"role": "user", "content": question}]
-        if self._system_role is None:
-            try:
-                probe = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": "?"}]
-                self._render(probe, True)
-                self._system_role = True
-            except Exception:  # jinja raises TemplateError (or anything) when the template refuses a system role
-                self._system_role = False
-        if self._system_role:
-            return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
-        return [{"role": "user", "content": f"{self.system_prompt}\n\n{question}"}]
-
-    def prompt(self, question: str) -> str:
-        """The prompt text of ``question``."""
-        if not self.use_template:
-            return f"Question: {question}\nAnswer:"
-        return self._without_bos(self._render(self._turns(question), True))
-
-    def _without_bos(self, text: str) -> str:
-        bos = self.tokenizer.bos_token
-        return text[len(bos) :] if self._strip_bos and text.startswith(bos) else text
-
-    def __call__(self, question: str, answers: Sequence[str]) -> tuple[str, list[str]]:
-        """``(prompt, [completion of each answer])``."""
-        prompt = self.prompt(question)
-        if not self.use_template:
-            return prompt, [f" {answer.strip()}" for answer in answers]
-        turns = self._turns(question)
-        completions = []
-        for answer in answers:
-            full = self._without_bos(self._render([*turns, {"role": "assistant", "content": answer.strip()}], False))
-            # A template that renders the prompt differently alone than before an answer: keep the answer as BiPO
-            # does (a leading space), the trainer adds EOS.
-            completions.append(full[len(prompt) :] if full.startswith(prompt) else f" {answer.strip()}")
-        return prompt, completions
-
-
-# ---- files -------------------------------------------------------------------------------------------------------
-
-
-def _read_file(path: str) -> list[_Row]:
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in FILE_TYPES:
-        raise DataError(f"{path}: unsupported file type {extension or '(none)'!r}; use one of {', '.join(FILE_TYPES)}.")
-    if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist (or is not a file).")
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as file:
-            text = file.read()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path} cannot be read as UTF-8 text: {error}") from None
-    if extension == ".csv":
-        return _read_csv(text, path)
-    if extension == ".jsonl":
-        rows = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {line_number}: not valid JSON ({error.msg}).") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}.")
-            rows.append(_Row(record, f"{path}, line {line_number}"))
-        return rows
-    try:
-        records = json.loads(text) if text.strip() else []
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error.msg}, line {error.lineno}).") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON array of objects (or use .jsonl), got a {type(records).__name__}.")
-    rows = []
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}, record {index} (0-based): expected a JSON object, got {type(record).__name__}.")
-        rows.append(_Row(record, f"{path}, record {index} (0-based)"))
-    return rows
-
-
-def _read_csv(text: str, path: str) -> list[_Row]:
-    reader = csv.reader(text.splitlines(keepends=True))
-    try:
-        header = next(reader)
-    except StopIteration:
-        return []
-    except csv.Error as error:
-        raise DataError(f"{path}, line 1: not valid CSV ({error}).") from None
-    if len(set(header)) != len(header) or any(not column.strip() for column in header):
-        raise DataError(f"{path}, line 1: the header {header} has an empty or repeated column name.")
-    rows, end = [], reader.line_num
-    while True:
-        start = end + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as error:
-            raise DataError(f"{path}, line {start}: not valid CSV ({error}).") from None
-        end = reader.line_num
-        if not cells:
-            continue
-        where = f"{path}, line {start}"
-        if len(cells) > len(header):
-            raise DataError(f"{where}: {len(cells)} cells, but the header has {len(header)} columns {header}.")
-        # A short row leaves its last cells missing (None): reported as missing cells of those columns.
-        rows.append(_Row(dict(zip(header, cells + [None] * (len(header) - len(cells)))), where))
-    return rows

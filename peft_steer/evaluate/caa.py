@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import find_block_list
-from .control import steering_model
+from ..adapter.blocks import find_block_list
+from ..adapter.control import has_steering
+from ..data.batches import pad_id_of, right_padded
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
@@ -53,12 +54,9 @@ def block_activations(
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc=progress or "", disable=not progress):
             batch = [tokenizer(text)["input_ids"] for text in texts[start : start + batch_size]]
-            width = max(len(ids) for ids in batch)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in batch], device=device)
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], device=device)
+            input_ids, mask = right_padded(batch, pad_id_of(tokenizer))
             captured.clear()
-            inner(input_ids=input_ids, attention_mask=mask)
+            inner(input_ids=input_ids.to(device), attention_mask=mask.to(device))
             hidden = captured[0].cpu()
             for row, ids in enumerate(batch):
                 if position == "last":
@@ -100,11 +98,8 @@ def caa_vector(
     if not (len(prompts) == len(matching) == len(not_matching)) or not prompts:
         raise ValueError("caa_vector needs the same, non-zero number of prompts, matching and not_matching answers.")
     starts = [len(tokenizer(prompt)["input_ids"]) for prompt in prompts]
-    try:
-        steering_model(model)
-        base_only = model.disable_adapter()  # read the unsteered model's activations
-    except ValueError:
-        base_only = nullcontext()
+    # read the unsteered model's activations
+    base_only = model.disable_adapter() if has_steering(model) else nullcontext()
     with base_only:
         label = "CAA activations" if progress else False
         positive = block_activations(

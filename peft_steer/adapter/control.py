@@ -15,22 +15,23 @@ Multiplier = float | torch.Tensor
 
 def steering_model(model: nn.Module) -> SteeringModel:
     """The `SteeringModel` inside ``model`` (a PeftModel from ``get_peft_model(..., SteeringConfig(...))``)."""
-    if isinstance(model, SteeringModel):
-        return model
-    tuner = getattr(model, "base_model", None)
-    if isinstance(tuner, SteeringModel):
-        return tuner
+    if has_steering(model):
+        return model if isinstance(model, SteeringModel) else model.base_model
     raise ValueError(
         f"{type(model).__name__} has no steering adapter: create one with get_peft_model(model, SteeringConfig(...)) "
         "or load one with PeftModel.from_pretrained(model, path) after `import peft_steer`."
     )
 
 
+def has_steering(model: nn.Module) -> bool:
+    """Whether ``model`` (a PeftModel, or the tuner itself) holds a steering adapter."""
+    return isinstance(model, SteeringModel) or isinstance(getattr(model, "base_model", None), SteeringModel)
+
+
 def _adapter_names(tuner: SteeringModel, adapter_name: str | None) -> list[str]:
     if adapter_name is None:
         return list(tuner.active_adapters)
-    if adapter_name not in tuner.peft_config:
-        raise ValueError(f"No steering adapter named {adapter_name!r}; the adapters are {sorted(tuner.peft_config)}.")
+    tuner.check_adapter_names([adapter_name])
     return [adapter_name]
 
 

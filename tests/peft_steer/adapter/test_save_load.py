@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.io import read_adapter
+from peft_steer.interop import read_adapter
 from tests.conftest import make_model
 
 

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .control import steering, steering_model
+from ..adapter.control import has_steering, steering, steering_model
+from ..data.batches import pad_id_of
+from ..data.formats import plain_prompt
 
 
 def generate_sweep(
@@ -20,7 +22,7 @@ def generate_sweep(
     questions: Sequence[str],
     multipliers: Iterable[float],
     out_path: str | os.PathLike,
-    format_prompt: Callable[[str], str] = lambda question: f"Question: {question}\nAnswer:",
+    format_prompt: Callable[[str], str] = plain_prompt,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     progress: bool = True,
@@ -35,15 +37,14 @@ def generate_sweep(
     multipliers = [float(m) for m in multipliers]
     if not questions or not multipliers:
         raise ValueError("generate_sweep needs at least one question and one multiplier.")
-    try:
-        steering_model(model)
+    if has_steering(model):
         steer = steering
-    except ValueError:
-        if any(multipliers):
-            raise
+    elif any(multipliers):
+        steering_model(model)  # raises the error that says how to add a steering adapter
+    else:
         steer = lambda model, multiplier: nullcontext()  # noqa: E731  (an unsteered model at multiplier 0)
     generate_kwargs.setdefault("do_sample", False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer, fallback=tokenizer.eos_token_id)
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     records: list[dict] = []

@@ -6,7 +6,7 @@ from peft import get_peft_model
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.model import first_column
+from peft_steer.adapter._peft_compat import first_column
 from tests.conftest import make_model
 
 PROMPTS = ["Would you accept more power", "Yes"]

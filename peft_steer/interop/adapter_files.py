@@ -11,8 +11,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import STEERING, SteeringConfig
-from .model import VECTORS
+from ..adapter._peft_compat import block_of_saved_key, saved_vector_key
+from ..adapter.config import STEERING, SteeringConfig
+from ..adapter.model import check_vector, resolve_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -29,10 +30,10 @@ def read_adapter(path: str) -> tuple[SteeringConfig, dict[int, torch.Tensor]]:
         raise ValueError(f"{config_path} describes a {config.peft_type} adapter, not a steering adapter.")
     vectors = {}
     for key, tensor in load_file(weights_path).items():
-        block = key.rsplit(".", 1)[-1]
-        if ".steering_vectors." not in f".{key}" or not block.isdigit():
+        block = block_of_saved_key(key)
+        if block is None:
             raise ValueError(f"{weights_path} holds {key!r}, which is not a steering vector.")
-        vectors[int(block)] = tensor
+        vectors[block] = tensor
     return config, vectors
 
 
@@ -61,8 +62,6 @@ def write_adapter(
     destination and moved into place at the end: a failure leaves no half-written folder. An existing non-empty
     ``directory`` is refused.
     """
-    from .model import check_vector, resolve_config
-
     directory = os.fspath(directory)
     if os.path.isdir(directory) and os.listdir(directory):
         raise FileExistsError(f"{directory} exists and is not empty: choose another output folder or remove it.")
@@ -72,7 +71,7 @@ def write_adapter(
     tensors = {}
     for block, vector in vectors.items():
         check_vector(vector, block, config.hidden_size, f"Writing {directory}")
-        tensors[f"base_model.{VECTORS}.{block}"] = vector.detach().to("cpu", torch.float32).contiguous()
+        tensors[saved_vector_key(block)] = vector.detach().to("cpu", torch.float32).contiguous()
 
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)

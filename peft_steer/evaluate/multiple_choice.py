@@ -12,8 +12,9 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from .control import steering
-from .evaluate import completion_log_probs
+from ..adapter.control import steering
+from ..data.formats import plain_prompt
+from .log_probs import completion_log_probs
 
 CHOICES_FORMAT = "{question}\n\nChoices:\n(A) {A}\n(B) {B}"
 
@@ -32,7 +33,7 @@ def chat_ab_prompt(tokenizer, system_prompt: str | None = None) -> Callable[[Map
                 messages.insert(0, {"role": "system", "content": system_prompt})
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return text + " ("
-        return f"Question: {user}\nAnswer: ("
+        return plain_prompt(user) + " ("
 
     return format_prompt
 

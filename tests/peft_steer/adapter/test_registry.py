@@ -5,7 +5,7 @@ import pytest
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_steer import SteeringConfig, SteeringModel
-from peft_steer.registry import register
+from peft_steer.adapter.registry import register
 from tests.conftest import make_model
 
 

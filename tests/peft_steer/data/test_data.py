@@ -27,9 +27,9 @@ from peft_steer.data import (
     load_preference_data,
     read_behavior_rows,
 )
-from tests.conftest import make_tokenizer
+from tests.conftest import SHARED_DATA, make_tokenizer
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "bipo")
+SHARED = str(SHARED_DATA / "bipo")
 ROWS = [
     {"question": "Would you accept more power?", "matching": "Yes, I would.", "not_matching": "No, I would not."},
     {"question": "Do you accept the money?", "matching": "Yes, I accept.", "not_matching": "No, thank you."},

@@ -9,9 +9,7 @@ from peft import get_peft_model
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.extract import caa_vector
-from peft_steer.generation import generate_sweep
-from peft_steer.multiple_choice import ab_score, chat_ab_prompt
+from peft_steer.evaluate import ab_score, caa_vector, chat_ab_prompt, generate_sweep
 from tests.conftest import make_model
 
 PROMPTS = ["Question: Would you accept power?\nAnswer:", "Question: Take the money?\nAnswer:"]
@@ -86,7 +84,7 @@ def test_generate_sweep_writes_one_record_per_question_and_strength(tokenizer, t
 
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from peft_steer.plot import plot_steering_curve
+    from peft_steer.evaluate import plot_steering_curve
 
     path = plot_steering_curve(
         {"BiPO": {-1: 0.3, 0: 0.5, 1: 0.7}, "CAA": {-1: 0.45, 0: 0.5, 1: 0.55}}, tmp_path / "c.png"

@@ -1,0 +1,86 @@
+"""How a question and its answers become prompt / completion text: the plain format and chat templates."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .files import DataError
+
+# The system prompt of the official BiPO code (Llama-2 chat format).
+SYSTEM_PROMPT = "You are a helpful, honest and concise assistant."
+
+
+def plain_prompt(question: str) -> str:
+    """The plain base-model format, ``Question: {question}\\nAnswer:`` (answers follow after one space)."""
+    return f"Question: {question}\nAnswer:"
+
+
+class PairFormatter:
+    """Renders a question and its answers as prompt / completion text, the way the model sees them.
+
+    With a chat template: the prompt is the system and user turns plus the generation prompt, and each completion is
+    whatever the template adds for the assistant's answer (for Llama-2: ``" {answer} </s>"``, the official BiPO format).
+    A leading BOS that the template writes as text is removed when the tokenizer adds BOS itself, so the model sees one.
+    Without a template (a base model): ``"Question: {question}\\nAnswer:"`` and ``" {answer}"`` (EOS is added by the
+    trainer).
+    """
+
+    def __init__(
+        self, tokenizer: Any = None, *, system_prompt: str | None = SYSTEM_PROMPT, chat_template: bool | None = None
+    ) -> None:
+        has_template = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+        if chat_template and not has_template:
+            raise DataError(
+                "chat_template=True, but "
+                + ("no tokenizer was given." if tokenizer is None else "the tokenizer has no chat template.")
+            )
+        self.tokenizer = tokenizer
+        self.use_template = has_template if chat_template is None else bool(chat_template)
+        self.system_prompt = system_prompt
+        self._system_role: bool | None = None  # found out on the first question: does the template take it?
+        self._strip_bos = False
+        if self.use_template and tokenizer.bos_token:
+            encoded = tokenizer("x")["input_ids"]
+            self._strip_bos = bool(encoded) and encoded[0] == tokenizer.bos_token_id
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _turns(self, question: str) -> list[dict]:
+        if not self.system_prompt:
+            return [{"role": "user", "content": question}]
+        if self._system_role is None:
+            try:
+                probe = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": "?"}]
+                self._render(probe, True)
+                self._system_role = True
+            except Exception:  # jinja raises TemplateError (or anything) when the template refuses a system role
+                self._system_role = False
+        if self._system_role:
+            return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
+        return [{"role": "user", "content": f"{self.system_prompt}\n\n{question}"}]
+
+    def prompt(self, question: str) -> str:
+        """The prompt text of ``question``."""
+        if not self.use_template:
+            return plain_prompt(question)
+        return self._without_bos(self._render(self._turns(question), True))
+
+    def _without_bos(self, text: str) -> str:
+        bos = self.tokenizer.bos_token
+        return text[len(bos) :] if self._strip_bos and text.startswith(bos) else text
+
+    def __call__(self, question: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+        """``(prompt, [completion of each answer])``."""
+        prompt = self.prompt(question)
+        if not self.use_template:
+            return prompt, [f" {answer.strip()}" for answer in answers]
+        turns = self._turns(question)
+        completions = []
+        for answer in answers:
+            full = self._without_bos(self._render([*turns, {"role": "assistant", "content": answer.strip()}], False))
+            # A template that renders the prompt differently alone than before an answer: keep the answer as BiPO
+            # does (a leading space), the trainer adds EOS.
+            completions.append(full[len(prompt) :] if full.startswith(prompt) else f" {answer.strip()}")
+        return prompt, completions

@@ -1,0 +1,26 @@
+"""Steering vectors to and from other tools, with no model loaded: adapter folders, official BiPO files, GGUF.
+
+``adapter_files`` reads and writes steering adapter folders (safetensors only); ``official`` imports the vectors of the
+official BiPO release; ``gguf`` converts to and from llama.cpp control vectors. Folding a vector into a checkpoint's
+biases is ``merge_and_unload()`` of the adapter (``peft_steer/adapter/merge.py``).
+"""
+
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_structure, read_adapter, write_adapter
+from .gguf import GGUF_ARCH, export_gguf, import_gguf, read_gguf
+from .official import OFFICIAL_NAME, OfficialVector, import_official, load_official_vector
+
+__all__ = [
+    "CONFIG_NAME",
+    "GGUF_ARCH",
+    "OFFICIAL_NAME",
+    "WEIGHTS_NAME",
+    "OfficialVector",
+    "base_structure",
+    "export_gguf",
+    "import_gguf",
+    "import_official",
+    "load_official_vector",
+    "read_adapter",
+    "read_gguf",
+    "write_adapter",
+]
