@@ -11,11 +11,16 @@ setup(
     packages=find_packages(include=["peft_steer", "peft_steer.*", "trl_integration", "trl_integration.*"]),
     include_package_data=True,
     package_data={
-        "peft_steer": ["data/behaviors/*/*.csv", "data/behaviors/LICENSE", "data/behaviors/README.md", "organism/model/*"]
+        "peft_steer": [
+            "data/behaviors/*/*.csv",
+            "data/behaviors/LICENSE",
+            "data/behaviors/README.md",
+            "organism/model/*",
+        ]
     },
-    # Lower bounds are the versions this was tested with. transformers: tested on 5.23 and 5.24 (5.0 fails 16 tests);
-    # tests/peft_steer/test_generation.py checks what `generate` feeds the model, so a release that changes it fails
-    # CI before it reaches users. 6.0 drops generation arguments that 5.x only deprecates: not covered.
+    # Lower bounds are the versions this was tested with. transformers: tested on 5.23 and 5.24 (5.0 fails 16
+    # tests); tests/peft_steer/adapter/test_generation.py checks what `generate` feeds the model, so a release that
+    # changes it fails CI before it reaches users. 6.0 drops generation arguments that 5.x only deprecates.
     install_requires=[
         "torch>=2.4",
         "transformers>=5.23,<6",

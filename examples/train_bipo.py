@@ -24,7 +24,7 @@ from peft_steer import SteeringConfig
 from peft_steer.data import BEHAVIORS, PairFormatter, load_behavior, read_behavior_rows
 from peft_steer.evaluate import answer_preference
 from trl_integration import SteerConfig, SteerTrainer
-from trl_integration.train_command import DEFAULT_EPOCHS, paper_preset
+from trl_integration.config import DEFAULT_EPOCHS, paper_preset
 
 
 def parse_args() -> argparse.Namespace:

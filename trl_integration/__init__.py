@@ -1,9 +1,18 @@
 """TRL integration of peft-steer: `SteerTrainer` trains a steering adapter with BiPO, configured by `SteerConfig`.
 
-Importing it imports `peft_steer`, which registers the STEERING adapter type with PEFT.
+Importing it imports `peft_steer`, which registers the STEERING adapter type with PEFT. Modules:
+
+- ``config``: `SteerConfig` (a `DPOConfig` with the paper's defaults) and the paper's per-model presets.
+- ``loss``: the BiPO objective as plain tensor functions, and the direction of each step.
+- ``trainer``: `SteerTrainer`, the overrides of TRL's `DPOTrainer`; ``inputs`` checks what it is given.
+- ``prefix_plan``, ``prefix_cache``, ``prefix_offload``: blocks 0..L run once per sequence, not at every step.
+- ``sharding``: FSDP2 and DeepSpeed ZeRO.
+- ``_trl_compat``, ``_accelerate_compat``: every reliance on the internals of TRL, transformers' Trainer, accelerate.
+- ``cli``: the ``peft-steer`` command; ``demo``: BiPO vs CAA on the model organism.
 """
 
 from .config import DIRECTION_SAMPLING, SteerConfig
-from .trainer import SteerTrainer, sample_direction
+from .loss import sample_direction
+from .trainer import SteerTrainer
 
 __all__ = ["DIRECTION_SAMPLING", "SteerConfig", "SteerTrainer", "sample_direction"]

@@ -12,6 +12,13 @@ from .prefix_offload import DESTINATIONS
 
 DIRECTION_SAMPLING = ("random", "antithetic", "positive")
 
+# The paper's runs (Cao et al. 2024, and the official code): block and epochs per model, matched on the model name.
+PAPER_PRESETS = {
+    "Llama-2-7b-chat": {"layer": 15, "epochs": 20},
+    "Mistral-7B-Instruct-v0.2": {"layer": 13, "epochs": 5},
+}
+DEFAULT_EPOCHS = 3  # for a model the paper did not use
+
 # DPOConfig options that change the objective away from BiPO's: SteerTrainer refuses them rather than ignore them.
 _BIPO_ONLY = {
     "loss_type": (["sigmoid"], "BiPO's objective is the sigmoid loss -log sigmoid(d * beta * margin)"),
@@ -22,6 +29,15 @@ _BIPO_ONLY = {
     "label_smoothing": (0.0, "BiPO uses hard preference labels"),
     "sync_ref_model": (False, "the reference is the model with the steering adapter disabled, which never changes"),
 }
+
+
+def paper_preset(model: str) -> dict[str, int] | None:
+    """The paper's block and epochs for ``model`` (a hub id or a local folder named after it), or ``None``."""
+    name = model.rstrip("/").lower()
+    for key, preset in PAPER_PRESETS.items():
+        if key.lower() in name:
+            return dict(preset)
+    return None
 
 
 @dataclass
@@ -101,7 +117,7 @@ class SteerConfig(DPOConfig):
         default="auto",
         metadata={
             "help": "Cache the output of blocks 0..L (they do not depend on the vector) once per training sequence, "
-            "so that each step runs only the blocks after L: 'auto' (the accelerator if it fits in 20% of its free "
+            "so that each step runs only the blocks after L: 'auto' (the accelerator if it fits in 20%% of its free "
             "memory, else host memory, else disk), 'device', 'cpu', 'disk', or 'off'. Falls back to the plain path, "
             "with a logged reason, where it cannot apply (dropout or trainable weights in blocks 0..L).",
             "choices": list(STORAGES),

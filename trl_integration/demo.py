@@ -18,8 +18,7 @@ from datasets import Dataset
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.evaluate import answer_preference
-from peft_steer.extract import caa_vector
+from peft_steer.evaluate import answer_preference, caa_vector, plot_steering_curve
 from peft_steer.organism import BEHAVIORS, format_answer, format_prompt, load_organism, read_rows, stance_rows
 
 from .config import SteerConfig
@@ -131,8 +130,6 @@ def format_table(comparison: Comparison) -> str:
 def run_demo(out: str = ".", behavior: str = "power-seeking", layer: int = 2, epochs: float = 2.0) -> str:
     """Run the demo and write ``peft-steer-demo-<behavior>/`` into ``out``: the BiPO adapter, the CAA adapter, the
     plot and the scores. Returns that folder. An existing non-empty folder is refused (nothing is overwritten)."""
-    from peft_steer.plot import plot_steering_curve
-
     folder = os.path.join(out, f"peft-steer-demo-{behavior}")
     if os.path.isdir(folder) and os.listdir(folder):
         raise FileExistsError(f"{folder} exists and is not empty: remove it or choose another --out.")

@@ -22,7 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_steer.blocks import find_block_list
+from peft_steer.adapter.blocks import find_block_list
+
+from ._accelerate_compat import has_offload_hook
+from ._runtime import free_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ def fallback_reason(inner_model: nn.Module, block: int) -> str | None:
     dropout = {name: getattr(config, name) for name in DROPOUT_OPTIONS if getattr(config, name, 0) or 0}
     if any(isinstance(m, nn.Dropout) and m.p > 0 for b in prefix for m in b.modules()) or dropout:
         return f"dropout is active in blocks 0..{block} ({dropout or 'nn.Dropout'}), so their output is random"
-    if any(hasattr(module, "_hf_hook") for module in prefix):
+    if any(has_offload_hook(module) for module in prefix):
         return f"blocks 0..{block} are offloaded by accelerate hooks"
     return None
 
@@ -203,8 +206,5 @@ def choose_storage(requested: str, size: int, device: torch.device) -> str:
         free, _ = torch.cuda.mem_get_info(device)
         if size < 0.2 * free:
             return "device"
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 0
+    available = free_host_memory() or 0
     return "cpu" if size < 0.25 * available else "disk"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_steer.blocks import find_block_list
+from peft_steer.adapter.blocks import find_block_list
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,8 @@ import torch
 from accelerate.utils import parse_flag_from_env
 from torch import nn
 
+from ._accelerate_compat import FSDP_PROCESS_TYPES
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,17 +45,11 @@ def sharding_engine(args: Any) -> str | None:
     return None
 
 
-# The process types on which accelerate 1.15 turns an FSDP config into FSDP (accelerate/state.py, AcceleratorState).
-_FSDP_PROCESS_TYPES = {
-    "MULTI_GPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_NPU", "MULTI_XPU", "MULTI_HPU", "MULTI_NEURON"
-}  # fmt: skip
-
-
 def accelerate_starts_fsdp(args: Any) -> bool:
     """Whether accelerate starts FSDP for these processes: only for launched processes on accelerators, not for CPU
     processes, nor a single process started without a launcher."""
     state = getattr(args, "distributed_state", None)  # set up by TrainingArguments.__post_init__
-    return state is not None and state.distributed_type.value in _FSDP_PROCESS_TYPES
+    return state is not None and state.distributed_type.value in FSDP_PROCESS_TYPES
 
 
 def _fsdp_configured(args: Any) -> bool:

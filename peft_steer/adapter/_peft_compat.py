@@ -1,5 +1,6 @@
 """Every place peft-steer touches PEFT or transformers internals, each with why, so that a release that changes one
-breaks here, in one module, with a clear error (tests/peft_steer/test_registry.py and test_generation.py watch them).
+breaks here, in one module, with a clear error (tests/peft_steer/adapter/test_registry.py and test_generation.py
+watch them).
 """
 
 from __future__ import annotations

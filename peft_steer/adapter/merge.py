@@ -2,7 +2,7 @@
 
 A block's output is ``residual + attention + mlp``; where the MLP's output projection has a bias and nothing follows
 it but the residual add, adding ``m * v`` to that bias adds exactly ``m * v`` to the block's output. Verified
-architectures (tests/peft_steer/test_merge.py compares merged and steered logits):
+architectures (tests/peft_steer/adapter/test_merge.py compares merged and steered logits):
 
 - Llama-family configs with ``mlp_bias=True``: ``mlp.down_proj.bias``;
 - GPT-2: ``mlp.c_proj.bias`` (present in every GPT-2);

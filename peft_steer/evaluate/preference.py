@@ -1,4 +1,4 @@
-"""Scoring a model's behavior: summed completion log-probs and the answer-preference score, with or without steering.
+"""The answer-preference score of a model's behavior, with or without steering.
 
 Answer preference: for a pair (question, matching, not_matching), the score is
 ``sigmoid(log p(matching | prompt) - log p(not_matching | prompt))`` with log-probs summed over the answer tokens;

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
 
 import peft_steer  # noqa: E402
 from peft_steer import SteeringConfig  # noqa: E402
-from peft_steer.blocks import find_block_list  # noqa: E402
+from peft_steer.adapter.blocks import find_block_list  # noqa: E402
 from tests.conftest import make_tokenizer  # noqa: E402
 from tests.trl_integration.conftest import QUESTIONS, bipo_rows, fast_args  # noqa: E402
 from trl_integration import SteerTrainer  # noqa: E402

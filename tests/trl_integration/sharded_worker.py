@@ -31,7 +31,7 @@ LEARNING_RATE = 1e-2
 
 def steered_model(dtype: torch.dtype):
     model = get_peft_model(make_model("llama").to(dtype), SteeringConfig(layers=[BLOCK], init="random"))
-    peft_steer.steering_model(model)._cast_adapter_dtype("default")  # float32 vector, as SteerTrainer keeps it
+    peft_steer.steering_model(model).vectors_to_float32("default")  # float32 vector, as SteerTrainer keeps it
     return model
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_steer.io import read_adapter
+from peft_steer.interop import read_adapter
 from tests.conftest import make_model, make_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

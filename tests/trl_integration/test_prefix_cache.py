@@ -13,8 +13,7 @@ import peft_steer
 from peft_steer import SteeringConfig
 from tests.conftest import ARCHITECTURES, make_model
 from tests.trl_integration.conftest import QUESTIONS, bipo_rows, collated, fast_args, no_dropout
-from trl_integration import SteerTrainer
-from trl_integration import trainer as trainer_module
+from trl_integration import SteerTrainer, prefix_plan
 
 
 def trainer_for(tmp_path, tokenizer, cache, arch="llama", layers=(1,), positions="all", **settings):
@@ -92,7 +91,7 @@ def test_the_prefix_blocks_do_no_work_in_a_cached_step(tmp_path, tokenizer):
 
 
 def test_size_estimate_is_logged_first(tmp_path, tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_integration.prefix_plan"):
         trainer_for(tmp_path, tokenizer, "auto")
     assert any("Prefix cache: the output of blocks 0..1" in r.message and "MiB" in r.message for r in caplog.records)
 
@@ -106,9 +105,9 @@ def test_an_eval_set_counts_in_the_size_and_the_storage(tmp_path, tokenizer, cap
         sizes.append(size)
         return "cpu" if len(sizes) == 1 else "disk"
 
-    monkeypatch.setattr(trainer_module, "choose_storage", choose_storage)
+    monkeypatch.setattr(prefix_plan, "choose_storage", choose_storage)
     evaluation = bipo_rows(QUESTIONS[8:12])
-    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_integration.prefix_plan"):
         trainer = SteerTrainer(
             model=no_dropout("llama"),
             args=fast_args(tmp_path, prefix_cache="auto", max_steps=2, eval_strategy="steps", eval_steps=2),
@@ -130,7 +129,7 @@ def test_an_eval_set_counts_in_the_size_and_the_storage(tmp_path, tokenizer, cap
 
 
 def test_falls_back_with_a_reason(tmp_path, tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_integration.prefix_plan"):
         gpt2 = SteerTrainer(
             model=make_model("gpt2"),  # GPT-2 has dropout: its prefix is random in training
             args=fast_args(tmp_path / "gpt2"),
@@ -147,7 +146,7 @@ def test_falls_back_with_a_reason(tmp_path, tokenizer, caplog):
         if "lora_A" in name and ".layers.0." in name:
             parameter.requires_grad_(True)  # a LoRA in block 0 that would train alongside
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_integration.prefix_plan"):
         trainer = SteerTrainer(
             model=steered,
             args=fast_args(tmp_path / "lora"),

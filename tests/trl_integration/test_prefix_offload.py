@@ -14,11 +14,12 @@ from transformers import BitsAndBytesConfig, TrainerCallback
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.blocks import find_block_list
+from peft_steer.adapter.blocks import find_block_list
 from tests.conftest import ARCHITECTURES, make_model
 from tests.trl_integration.conftest import QUESTIONS, bipo_rows, fast_args, no_dropout
 from trl_integration import SteerTrainer
 from trl_integration.prefix_offload import OffloadedBlocks
+from trl_integration.prefix_plan import offload_room
 
 BLOCK = 1
 
@@ -149,8 +150,8 @@ def test_an_unwritable_folder_is_named_and_nothing_moves(tmp_path, tokenizer, ca
 def test_host_memory_is_checked_before_blocks_move_there(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     blocks = SimpleNamespace(destination="cpu", nbytes=2**62)
-    assert "8 process(es) x" in SteerTrainer._offload_room(blocks)
-    assert SteerTrainer._offload_room(SimpleNamespace(destination="cpu", nbytes=1)) is None
+    assert "8 process(es) x" in offload_room(blocks)
+    assert offload_room(SimpleNamespace(destination="cpu", nbytes=1)) is None
 
 
 def test_blocks_stay_with_a_logged_reason_when_the_cache_fills_during_training(tmp_path, tokenizer, caplog):

@@ -19,7 +19,7 @@ import torch
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.io import read_adapter
+from peft_steer.interop import read_adapter
 from tests.conftest import make_model
 from tests.trl_integration.conftest import fast_args
 from trl_integration import SteerTrainer, sharding

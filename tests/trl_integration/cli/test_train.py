@@ -10,10 +10,9 @@ from peft import PeftModel
 
 import peft_steer
 from tests.conftest import make_model, make_tokenizer
+from tests.trl_integration.conftest import QUESTIONS, bipo_rows
 from trl_integration.cli import main
-from trl_integration.train_command import paper_preset
-
-from .conftest import QUESTIONS, bipo_rows
+from trl_integration.config import paper_preset
 
 FAST = ["--max-steps", "2", "--batch-size", "2", "--warmup-steps", "0", "--learning-rate", "0.05"]
 FAST += ["--max-length", "256", "--logging-steps", "1", "--seed", "0"]

@@ -1,0 +1,86 @@
+"""Every place that relies on how TRL's `DPOTrainer` or transformers' `Trainer` work inside (checked against TRL 1.16
+and transformers 5.24), so that a change there shows up in one module. The overrides of private methods themselves
+(`_prepare_dataset`, `_precompute_ref_logps`) have to stay on the trainer class."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+
+
+@contextmanager
+def no_ref_adapter(model: PeftModel, adapter_name: str) -> Iterator[None]:
+    """Stop `DPOTrainer.__init__` from building a "ref" adapter, for the time of that call only.
+
+    Given a PeftModel and no `ref_model`, TRL reads ``model.peft_config["default"]``, adds an adapter "ref" with that
+    config and copies every parameter named ".default." into its ".ref." twin. For BiPO that copy would be a steered
+    reference, it fails on the parameters of a LoRA underneath (they have no ".ref." twin), and a second model given
+    as `ref_model` instead would be prepared (and, under FSDP or DeepSpeed, sharded) a second time. Here "default"
+    names the trained adapter, adding "ref" does nothing and each ".ref." parameter is its ".default." original, so
+    TRL's copy writes every parameter onto itself. The instance attributes are removed afterwards.
+    """
+    configs = model.peft_config
+    alias = "default" not in configs
+    if alias:
+        configs["default"] = configs[adapter_name]
+    add_adapter, get_parameter = model.add_adapter, model.get_parameter
+
+    def add_adapter_except_ref(name: str, *args: Any, **kwargs: Any) -> Any:
+        return None if name == "ref" else add_adapter(name, *args, **kwargs)
+
+    def original_of_ref(target: str) -> nn.Parameter:
+        return get_parameter(target.replace(".ref.", ".default."))
+
+    model.add_adapter, model.get_parameter = add_adapter_except_ref, original_of_ref
+    try:
+        yield
+    finally:
+        del model.add_adapter, model.get_parameter  # the class's methods again
+        if alias:
+            del configs["default"]
+
+
+def drop_input_grads(trainer: Any) -> None:
+    """Undo "input embeddings require grad", which TRL (in `__init__`) and `train()` set for activation checkpointing.
+
+    Reentrant checkpointing needs it; the non-reentrant kind (transformers' default) does not, and with it every
+    backward would run down through the blocks below the steered one, whose outputs do not depend on the vector. Call
+    it after each of the two, because each registers new hooks and forgets the earlier ones.
+    """
+    args = trainer.args
+    if args.gradient_checkpointing and not (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+        trainer.accelerator.unwrap_model(trainer.model).disable_input_require_grads()
+
+
+def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probs of each row's completion tokens (``completion_mask``), in the model's dtype.
+
+    TRL's fused LM head (patched into the model by `DPOTrainer.__init__`) returns the per-token log-probs of the
+    labels without materialising the logits.
+    """
+    completion_mask = batch["completion_mask"]
+    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        use_cache=False,
+        fused_lm_head=True,
+    )
+    return outputs.log_probs[:, -(completion_mask.shape[1] - 1) :].sum(dim=1)
+
+
+def record_metrics(trainer: Any, mode: str, metrics: dict[str, float]) -> None:
+    """Queue metrics for `DPOTrainer.log`, which averages what was queued since the last log line."""
+    for name, value in metrics.items():
+        trainer._metrics[mode][name].append(value)
+
+
+def prepare_inputs(trainer: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """A collated batch on the trainer's device, as `Trainer` prepares it before `compute_loss`."""
+    return trainer._prepare_inputs(inputs)
