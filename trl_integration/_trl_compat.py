@@ -4,6 +4,8 @@ and transformers 5.24), so that a change there shows up in one module. The overr
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -11,6 +13,9 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
 @contextmanager
@@ -84,3 +89,35 @@ def record_metrics(trainer: Any, mode: str, metrics: dict[str, float]) -> None:
 def prepare_inputs(trainer: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """A collated batch on the trainer's device, as `Trainer` prepares it before `compute_loss`."""
     return trainer._prepare_inputs(inputs)
+
+
+def checkpoints(folder: str) -> list[str]:
+    """The ``checkpoint-<step>`` folders of ``folder``, oldest step first, as `Trainer` finds them to resume."""
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = [
+        (int(match.group(1)), os.path.join(folder, name))
+        for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+        if (match := pattern.match(name)) and os.path.isdir(os.path.join(folder, name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def is_complete_checkpoint(folder: str) -> bool:
+    """Whether `Trainer` finished writing the checkpoint ``folder``.
+
+    `Trainer._save_checkpoint` writes straight into ``checkpoint-<step>`` (no temporary folder): the adapter, then
+    the optimizer, scheduler and RNG states, and ``trainer_state.json`` last. A folder without it was cut off while
+    being written, and resuming from it fails.
+    """
+    return os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME))
+
+
+def close_progress_bars(trainer: Any) -> None:
+    """Close the progress bars of `ProgressCallback`, which only `on_train_end` / `on_evaluate` close: after a run
+    that raised, an open bar leaves its line unfinished and the error would be printed on the end of it."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback):
+            for name in ("training_bar", "prediction_bar"):
+                if getattr(callback, name, None) is not None:
+                    getattr(callback, name).close()
+                    setattr(callback, name, None)

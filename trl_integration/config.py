@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -161,8 +162,22 @@ class SteerConfig(DPOConfig):
                 f"SteerConfig(offload_prefix_blocks={self.offload_prefix_blocks!r}): choose one of "
                 f"{', '.join(DESTINATIONS)}."
             )
-        if self.beta <= 0:
-            raise ValueError(f"SteerConfig(beta={self.beta}) must be positive.")
+        _check_numbers(self)
         if self.bf16 is None:  # TRL's default would be True; BiPO's is fp32 unless the launch config asks for bf16
             self.bf16 = not self.fp16 and os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"
         super().__post_init__()
+
+
+def _check_numbers(config: SteerConfig) -> None:
+    """Refuse the numbers a run cannot train with: they would end in a NaN vector, saved as if trained, or in an
+    error deep inside the Trainer after ``output_dir`` exists."""
+    for name in ("learning_rate", "beta", "num_train_epochs", "warmup_steps", "weight_decay"):
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise ValueError(f"SteerConfig({name}={value}) must be a finite number.")
+    if config.beta <= 0:
+        raise ValueError(f"SteerConfig(beta={config.beta}) must be positive.")
+    if config.per_device_train_batch_size < 1:
+        raise ValueError(
+            f"SteerConfig(per_device_train_batch_size={config.per_device_train_batch_size}) must be at least 1."
+        )

@@ -56,6 +56,42 @@ def check_arguments(model: Any, compute_metrics: Any, peft_config: Any, train_da
         raise ValueError("SteerTrainer needs a train_dataset of preference pairs.")
 
 
+def check_streamed(args: SteerConfig, train_dataset: Any, eval_dataset: Any) -> bool:
+    """Whether a data set is streamed (a `datasets.IterableDataset`), refusing the settings that need every pair up
+    front: the reference log-probs computed before training, a prefix cache asked for (its size is unknown, and it
+    would keep every sequence read), and no ``max_steps`` (a stream has no length to count epochs with)."""
+    named = {"train_dataset": train_dataset}
+    if isinstance(eval_dataset, dict):
+        named.update({f"eval_dataset[{key!r}]": dataset for key, dataset in eval_dataset.items()})
+    else:
+        named["eval_dataset"] = eval_dataset
+    streamed = [name for name, dataset in named.items() if isinstance(dataset, IterableDataset)]
+    for name in streamed:
+        what = f"SteerTrainer: {name} is streamed (an IterableDataset)"
+        if args.precompute_ref_log_probs:
+            raise ValueError(f"{what}: set precompute_ref_log_probs=False (the reference then runs at every step).")
+        if args.prefix_cache not in ("off", "auto"):
+            raise ValueError(f"{what}: set prefix_cache='off' (or 'auto'); the cache would keep every sequence read.")
+    if "train_dataset" in streamed and args.max_steps <= 0:
+        raise ValueError(
+            "SteerTrainer: train_dataset is streamed (an IterableDataset), so its length is unknown: set max_steps."
+        )
+    return bool(streamed)
+
+
+def _check_streamed_columns(dataset: IterableDataset, name: str) -> None:
+    """A streamed set is tokenized by TRL as it is read: it must hold TRL's preference columns. BiPO rows need the
+    chat-template formatting of `peft_steer.data`, which reads the whole set."""
+    columns = dataset.column_names or list(next(iter(dataset), {}))
+    if {"chosen", "rejected"} <= set(columns):
+        return
+    raise DataError(
+        f"{name} is streamed (an IterableDataset) with columns {', '.join(columns) or 'none'}: stream TRL's prompt / "
+        "chosen / rejected columns, or pass a datasets.Dataset (BiPO's question / matching / not_matching rows are "
+        "formatted with the whole set at hand)."
+    )
+
+
 def tokenizer_for(model: str | nn.Module, processing_class: Any, args: SteerConfig) -> Any:
     """``processing_class``, or the model's tokenizer; with a pad token either way (the data checks tokenize)."""
     if processing_class is None:
@@ -71,7 +107,8 @@ def tokenizer_for(model: str | nn.Module, processing_class: Any, args: SteerConf
 def checked(dataset: Any, tokenizer: Any, name: str) -> Any:
     """Check a data set given to the trainer (BiPO rows are formatted with the tokenizer's chat template)."""
     if isinstance(dataset, IterableDataset):
-        return dataset  # streamed: it cannot be scanned up front; TRL checks rows as they come
+        _check_streamed_columns(dataset, name)
+        return dataset  # streamed: its rows cannot be scanned up front; TRL tokenizes them as they come
     if not isinstance(dataset, Dataset):
         raise TypeError(f"SteerTrainer({name}=...) must be a datasets.Dataset, got {type(dataset).__name__}.")
     return check_preference_dataset(dataset, tokenizer, name=name)

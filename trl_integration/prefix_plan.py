@@ -53,15 +53,17 @@ class PrefixPlan:
 
     @classmethod
     def for_adapter(
-        cls, peft_model: PeftModel, config: SteeringConfig, requested: str, engine: str | None
+        cls, peft_model: PeftModel, config: SteeringConfig, requested: str, engine: str | None, streamed: bool = False
     ) -> PrefixPlan:
-        """The plan for the steering adapter ``config`` of ``peft_model``, given `SteerConfig.prefix_cache` and the
-        sharding engine of the run."""
+        """The plan for the steering adapter ``config`` of ``peft_model``, given `SteerConfig.prefix_cache`, the
+        sharding engine of the run and whether a data set is streamed."""
         inner_model, block = peft_model.get_base_model(), min(config.layers)
         if requested == "off":
             reason: str | None = "prefix_cache='off'"
         elif engine is not None:
             reason = f"replaying blocks 0..L under {engine} is not verified"
+        elif streamed:
+            reason = "a data set is streamed: its size is unknown, and the cache would keep every sequence read"
         else:
             reason = fallback_reason(inner_model, block)
         return cls(inner_model, block, config.hidden_size, reason)

@@ -30,10 +30,19 @@ from peft_steer.adapter.card import write_model_card
 
 from ._accelerate_compat import deepspeed_zero_stage
 from ._runtime import eval_mode
-from ._trl_compat import completion_logps, drop_input_grads, no_ref_adapter, prepare_inputs, record_metrics
+from ._trl_compat import (
+    close_progress_bars,
+    completion_logps,
+    drop_input_grads,
+    no_ref_adapter,
+    prepare_inputs,
+    record_metrics,
+)
+from .callbacks import SteerCallback
 from .config import SteerConfig
 from .inputs import (
     check_arguments,
+    check_streamed,
     checked,
     checked_eval,
     checked_unless_tokenized,
@@ -45,6 +54,7 @@ from .inputs import (
     warn_about_length,
 )
 from .loss import BIPO_PAPER, bipo_loss, bipo_metrics, sample_direction
+from .outputs import resume_checkpoint, staged_folder
 from .prefix_cache import PrefixCache
 from .prefix_plan import PrefixPlan
 from .sharding import check_sharding, gathered, register_with_zero3
@@ -99,6 +109,7 @@ class SteerTrainer(DPOTrainer):
         args = steer_config(args, model)
         engine = _sharding_engine(args)
         check_arguments(model, compute_metrics, peft_config, train_dataset)
+        streamed = check_streamed(args, train_dataset, eval_dataset)
         processing_class = tokenizer_for(model, processing_class, args)
         train_dataset = checked(train_dataset, processing_class, "train_dataset")
         eval_dataset = checked_eval(eval_dataset, processing_class)
@@ -108,7 +119,7 @@ class SteerTrainer(DPOTrainer):
         initial_vectors = peft_steer.get_vectors(model, self.adapter_name)
         config = tuner.peft_config[self.adapter_name]
         # The plan's cache is created once TRL has tokenized the train set (`_prepare_dataset`, from TRL's `__init__`).
-        self.prefix_plan = PrefixPlan.for_adapter(model, config, args.prefix_cache, engine)
+        self.prefix_plan = PrefixPlan.for_adapter(model, config, args.prefix_cache, engine, streamed)
 
         # The reference is this model with steering disabled (`compute_ref_log_probs`), not a "ref" adapter.
         with no_ref_adapter(model, self.adapter_name):
@@ -123,7 +134,7 @@ class SteerTrainer(DPOTrainer):
                 optimizers=optimizers,
             )
         self._restore_vectors(model, tuner, initial_vectors)
-        self.add_callback(_SteerCallback(self))
+        self.add_callback(SteerCallback(self))
         drop_input_grads(self)
 
     def _steering_adapter(
@@ -201,11 +212,18 @@ class SteerTrainer(DPOTrainer):
 
     # ---- training ----------------------------------------------------------------------------------------------
 
-    # Blocks 0..L leave the device for the time of training when the prefix cache holds every sequence.
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`; blocks 0..L leave the device meanwhile when the prefix cache holds every sequence."""
+    # Blocks 0..L leave the device for the time of training when the prefix cache holds every sequence; resuming
+    # skips a checkpoint cut off while being written, which Trainer would pick and fail on.
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; ``resume_from_checkpoint=True`` takes the last complete checkpoint of ``output_dir``
+        (logged). Blocks 0..L leave the device meanwhile when the prefix cache holds every sequence."""
+        resume = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         with self.prefix_plan.offloaded_blocks(self.args, self._fill_prefix_cache):
-            return super().train(*args, **kwargs)
+            try:
+                return super().train(resume, *args, **kwargs)
+            except BaseException:
+                close_progress_bars(self)  # so that the error starts a line of its own
+                raise
 
     def _fill_prefix_cache(self) -> None:
         evaluated = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
@@ -326,30 +344,23 @@ class SteerTrainer(DPOTrainer):
         with gathered(list(vectors)) as whole:
             state_dict = dict(zip(names, whole))
             if self.args.should_save:
-                peft_model.save_pretrained(path, selected_adapters=[self.adapter_name], state_dict=state_dict)
+                with staged_folder(path) as staging:  # a save cut short leaves no epoch folder
+                    peft_model.save_pretrained(staging, selected_adapters=[self.adapter_name], state_dict=state_dict)
         return path
+
+    # Checkpoints (`_internal_call`) are Trainer's, written in place (resuming skips one cut short); the final adapter
+    # appears whole or not at all.
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        with staged_folder(output_dir or self.args.output_dir, writer=self.args.should_save) as staging:
+            super().save_model(staging, _internal_call)
 
     # TRL rewrites output_dir/README.md at each checkpoint; keep the steering section of the card in it.
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
             write_model_card(self.args.output_dir, self.steering_model.peft_config[self.adapter_name])
-
-
-class _SteerCallback(TrainerCallback):
-    """Training-time duties of the trainer that need the Trainer's hooks."""
-
-    def __init__(self, trainer: SteerTrainer) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        drop_input_grads(self.trainer)  # `train()` has just enabled activation checkpointing again
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        # One vector per completed epoch, as the paper's runs keep them (not for an epoch cut short by max_steps).
-        epoch = round(state.epoch)
-        if args.save_vectors_per_epoch and epoch >= 1 and abs(state.epoch - epoch) < 1e-6:
-            self.trainer.save_epoch_vectors(epoch)
 
 
 def _sharding_engine(args: SteerConfig) -> str | None:

@@ -129,11 +129,26 @@ def first_column(args: tuple, kwargs: dict) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
+def data_parallel_replica(module: nn.Module, **carried: object) -> nn.Module:
+    """The copy of ``module`` that nn.DataParallel runs on one device, with ``carried`` set on it as attributes.
+
+    nn.DataParallel (which the transformers Trainer uses on several GPUs without a launcher) copies every module with
+    torch's private ``Module._replicate_for_data_parallel``, in the caller's thread, then runs each copy in a new
+    thread, whose context is empty: a module that overrides that method with this one hands the copy what the
+    caller's context holds.
+    """
+    replica = nn.Module._replicate_for_data_parallel(module)
+    for name, value in carried.items():
+        setattr(replica, name, value)
+    return replica
+
+
 __all__ = [
     "VECTORS",
     "add_card_to_push_to_hub",
     "add_peft_type",
     "block_of_saved_key",
+    "data_parallel_replica",
     "drop_peft_config",
     "first_column",
     "own_peft_config",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,6 +14,19 @@ from .card import write_model_card
 STEERING = "STEERING"
 POSITIONS = ("all", "completion")
 INITS = ("zeros", "random")
+# The vectors are float32: a strength beyond this makes ``m * v`` inf even where ``m`` is a finite Python float.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def finite_strength(value: float, what: str) -> float:
+    """``value`` as a float; a ValueError naming ``what`` when it is NaN, inf, or beyond float32's range."""
+    value = float(value)
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise ValueError(
+            f"{what} must be a finite number within float32's range (the vectors' dtype, |m| <= {FLOAT32_MAX:.4g}), "
+            f"got {value!r}."
+        )
+    return value
 
 
 @dataclass
@@ -84,12 +98,7 @@ class SteeringConfig(PeftConfig):
             raise ValueError(f"SteeringConfig(positions={self.positions!r}): choose one of {POSITIONS}.")
         if self.init not in INITS:
             raise ValueError(f"SteeringConfig(init={self.init!r}): choose one of {INITS}, or pass init_vectors.")
-        if isinstance(self.multiplier, torch.Tensor) or not isinstance(self.multiplier, (int, float)):
-            raise TypeError(
-                "SteeringConfig(multiplier=...) must be a number; for one strength per batch row use "
-                "peft_steer.steering(model, multiplier=tensor)."
-            )
-        self.multiplier = float(self.multiplier)
+        self.multiplier = _checked_multiplier(self.multiplier)
 
     def to_dict(self) -> dict:
         # init_vectors are tensors (not JSON) and are saved as the adapter's weights anyway.
@@ -104,3 +113,15 @@ class SteeringConfig(PeftConfig):
         """
         super().save_pretrained(save_directory, **kwargs)
         write_model_card(save_directory, self)
+
+
+def _checked_multiplier(value: object) -> float:
+    # Checked here, not only in set_multiplier: adapter_config.json is read through this constructor, and Python's json
+    # reads NaN, Infinity and 1e400 (inf).
+    what = f"SteeringConfig(multiplier={value!r})"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{what} must be a number; for one strength per batch row use "
+            "peft_steer.steering(model, multiplier=tensor)."
+        )
+    return finite_strength(value, what)

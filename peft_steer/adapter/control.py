@@ -8,9 +8,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .config import finite_strength
+from .context import Multiplier, strengths
 from .model import SteeringModel, check_vector
-
-Multiplier = float | torch.Tensor
 
 
 def steering_model(model: nn.Module) -> SteeringModel:
@@ -29,37 +29,61 @@ def has_steering(model: nn.Module) -> bool:
 
 
 def _adapter_names(tuner: SteeringModel, adapter_name: str | None) -> list[str]:
-    if adapter_name is None:
-        return list(tuner.active_adapters)
-    tuner.check_adapter_names([adapter_name])
-    return [adapter_name]
+    if adapter_name is not None:
+        tuner.check_adapter_names([adapter_name])
+        return [adapter_name]
+    if not tuner.active_adapters:
+        raise ValueError(
+            f"The model has no active steering adapter (its adapters: {sorted(tuner.peft_config)}): activate one with "
+            "model.set_adapter(name), or name the one to scale with adapter_name=..."
+        )
+    return list(tuner.active_adapters)
 
 
 def _checked_multiplier(value: Multiplier) -> Multiplier:
     if isinstance(value, torch.Tensor):
-        if value.dim() == 0:
-            return float(value)
-        if value.dim() != 1:
-            raise ValueError(f"A multiplier tensor must be 1-D (one value per batch row), got {tuple(value.shape)}.")
-        if not torch.isfinite(value).all():
-            raise ValueError("The multiplier tensor contains NaN or inf values.")
-        return value.detach().float()
+        return _checked_tensor(value)
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"A multiplier must be a number or a 1-D tensor, got {type(value).__name__}.")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"The multiplier must be finite, got {value}.")
-    return float(value)
+    return finite_strength(value, "The multiplier")
+
+
+def _checked_tensor(value: torch.Tensor) -> Multiplier:
+    if value.is_complex() or value.dtype == torch.bool:
+        # float32 would silently drop an imaginary part, and read True / False as 1 / 0
+        raise TypeError(f"A multiplier tensor must hold real numbers, got dtype {value.dtype}.")
+    if value.dim() == 0:
+        return finite_strength(value.item(), "The multiplier")
+    if value.dim() != 1:
+        raise ValueError(f"A multiplier tensor must be 1-D (one value per batch row), got {tuple(value.shape)}.")
+    strengths = value.detach().float()
+    bad = ~torch.isfinite(strengths)
+    if bad.any():  # checked in float32, the vectors' dtype: a float64 1e300 becomes inf there
+        raise ValueError(
+            f"The multiplier tensor contains NaN or inf values in float32 (the vectors' dtype): rows "
+            f"{bad.nonzero().flatten().tolist()[:5]} hold {value[bad].tolist()[:5]}."
+        )
+    return strengths
 
 
 @contextmanager
 def steering(model: nn.Module, multiplier: Multiplier = 1.0, adapter_name: str | None = None) -> Iterator[None]:
-    """Steer with ``multiplier`` inside the block, then restore the previous strength.
+    """Steer with ``multiplier`` inside the block, for the calling thread or asyncio task only.
 
     Args:
         model: The PeftModel holding the steering adapter(s).
         multiplier: The strength; its sign picks the direction. A float, or a 1-D tensor with one value per batch
             row (different users, different strengths in one batch).
         adapter_name: The adapter to scale; ``None`` scales every active adapter.
+
+    Thread safety: the strength belongs to the current `contextvars` context (the thread, or the asyncio task), not
+    to the model. Blocks in concurrent threads or tasks each steer one shared model at their own strength, blocks
+    nest, and each block's exit removes only its own strength, in whatever order blocks close. A forward outside any
+    block uses the stored strength (``set_multiplier``, saved as ``SteeringConfig.multiplier``), which no block ever
+    changes. Work that copies the context carries the block along (asyncio tasks created inside it,
+    ``asyncio.to_thread``, nn.DataParallel's replicas); a ``threading.Thread`` or an executor started inside it does
+    not: enter ``steering()`` in that thread's function, or run it with ``contextvars.copy_context().run``. The
+    model's other state (vectors, active adapters, stored strengths) is shared: change it while no forward runs.
 
     Example:
         >>> with peft_steer.steering(model, multiplier=-2.0):
@@ -68,20 +92,15 @@ def steering(model: nn.Module, multiplier: Multiplier = 1.0, adapter_name: str |
     tuner = steering_model(model)
     names = _adapter_names(tuner, adapter_name)
     value = _checked_multiplier(multiplier)
-    saved = {name: tuner.multipliers[name] for name in names}
-    try:
-        for name in names:
-            tuner.multipliers[name] = value
+    with strengths(tuner, dict.fromkeys(names, value)):
         yield
-    finally:
-        tuner.multipliers.update(saved)
 
 
 def set_multiplier(model: nn.Module, value: Multiplier, adapter_name: str | None = None) -> None:
-    """Set the strength of an adapter (``None``: every active one) until changed again.
+    """Set the stored strength of an adapter (``None``: every active one) until changed again, for every thread.
 
     A float also becomes the adapter's saved default (``SteeringConfig.multiplier``); a per-row tensor applies at
-    run time only.
+    run time only. An open ``steering()`` block keeps its own strength until it closes.
     """
     tuner = steering_model(model)
     value = _checked_multiplier(value)
@@ -92,9 +111,9 @@ def set_multiplier(model: nn.Module, value: Multiplier, adapter_name: str | None
 
 
 def get_multiplier(model: nn.Module, adapter_name: str = "default") -> Multiplier:
-    """The current strength of an adapter."""
+    """The strength of an adapter for the caller: its innermost open ``steering()`` block here, else the stored one."""
     tuner = steering_model(model)
-    return tuner.multipliers[_adapter_names(tuner, adapter_name)[0]]
+    return tuner.multiplier_of(_adapter_names(tuner, adapter_name)[0])
 
 
 def get_vectors(model: nn.Module, adapter_name: str = "default") -> dict[int, torch.Tensor]:
@@ -132,7 +151,8 @@ def prompt_lengths(model: nn.Module, lengths: torch.Tensor) -> Iterator[None]:
 
     ``lengths[row]`` is the column just after the row's prompt: its length when padded on the right, the padded
     width when padded on the left. Steering covers column ``lengths[row] - 1`` (the last prompt token, whose output
-    predicts the first completion token) and every column after it. ``generate`` does this by itself.
+    predicts the first completion token) and every column after it. ``generate`` does this by itself. Like
+    ``steering()``, the block belongs to the calling thread or asyncio task only.
     """
     with steering_model(model).prompt_lengths(lengths):
         yield

@@ -8,14 +8,20 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ._peft_compat import data_parallel_replica
+from .context import adopted, caller_state
+
+CHILD = "steer"  # name of the SteeringLayer child of a block; must not contain the prefix (PEFT skips those)
+
 
 class SteeringState(Protocol):
-    """What a layer reads from the `SteeringModel` that owns it: the vectors, strengths and configs of every adapter,
-    and where the prompt ends (for ``positions='completion'``)."""
+    """What a layer reads from the `SteeringModel` that owns it: the vectors and configs of every adapter, the
+    strength each has for the caller, and where the prompt ends (for ``positions='completion'``)."""
 
     steering_vectors: nn.ModuleDict
-    multipliers: dict[str, float | torch.Tensor]
     peft_config: dict[str, Any]
+
+    def multiplier_of(self, adapter_name: str) -> float | torch.Tensor: ...
 
     def completion_mask(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
@@ -30,6 +36,8 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names: tuple[str, ...] = ()
+    # Set only on the copies nn.DataParallel runs in other threads: the open steering blocks of the caller's context.
+    _caller_state: tuple | None = None
 
     def __init__(self, block: nn.Module, block_index: int, tuner: SteeringState) -> None:
         nn.Module.__init__(self)
@@ -46,6 +54,9 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
     def remove(self) -> None:
         """Take the hook off the block (used by ``unload``)."""
         self._hook.remove()
+
+    def _replicate_for_data_parallel(self) -> SteeringLayer:
+        return data_parallel_replica(self, _caller_state=caller_state())
 
     def _get_available_adapters(self) -> set[str]:
         return {name for name, vectors in self._tuner.steering_vectors.items() if str(self.block_index) in vectors}
@@ -75,7 +86,7 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
             if vectors is None or str(self.block_index) not in vectors:
                 continue
             vector = vectors[str(self.block_index)].to(hidden.device, torch.float32)
-            term = _scale(vector, tuner.multipliers[name], hidden)
+            term = _scale(vector, tuner.multiplier_of(name), hidden)
             if tuner.peft_config[name].positions == "completion":
                 term = term * tuner.completion_mask(hidden)[..., None]
             total = term if total is None else total + term
@@ -85,7 +96,9 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
         if self._disable_adapters:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        delta = self.delta(hidden)
+        # `block` is a copy of this layer's block when nn.DataParallel runs it in a thread of its own.
+        with adopted(getattr(block, CHILD, self)._caller_state):
+            delta = self.delta(hidden)
         if delta is None:
             return None
         steered = hidden + delta

@@ -14,68 +14,14 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ._peft_compat import VECTORS, drop_peft_config, first_column, own_peft_config
-from .blocks import find_block_list, hidden_size_of
+from .blocks import find_block_list
 from .config import SteeringConfig
-from .layer import SteeringLayer
+from .context import first_column_of, prompt_end, prompt_ends, record_first_column, strength
+from .layer import CHILD, SteeringLayer
 from .merge import fold_into_biases
+from .resolve import check_vector, resolve_config
 
-CHILD = "steer"  # name of the SteeringLayer child of a block; must not contain the prefix (PEFT skips those)
-
-
-def check_vector(vector: torch.Tensor, block: int, hidden_size: int, what: str) -> None:
-    """Raise a clear error for a vector that cannot steer block ``block`` of a model of width ``hidden_size``."""
-    if not isinstance(vector, torch.Tensor):
-        raise TypeError(f"{what}: the vector for block {block} must be a torch.Tensor, got {type(vector).__name__}.")
-    if vector.dim() != 1 or vector.shape[0] != hidden_size:
-        raise ValueError(
-            f"{what}: the vector for block {block} has shape {tuple(vector.shape)}; the model's hidden size is "
-            f"{hidden_size}, so it must have shape ({hidden_size},)."
-        )
-    if not torch.isfinite(vector).all():
-        raise ValueError(f"{what}: the vector for block {block} contains NaN or inf values.")
-
-
-def resolve_config(model: nn.Module, config: SteeringConfig) -> SteeringConfig:
-    """Check ``config`` against ``model`` and fill in the resolved blocks, hidden size and block count.
-
-    Every check runs before anything is changed, so a bad config leaves the model and the config untouched.
-    Works on a model on the ``meta`` device too (only its structure and config are read).
-    """
-    model_name = type(model).__name__
-    path, blocks = find_block_list(model, config.blocks_path)
-    num_blocks, hidden_size = len(blocks), hidden_size_of(model)
-    if config.num_blocks is not None and config.num_blocks != num_blocks:
-        raise ValueError(
-            f"This steering adapter was made for a model with {config.num_blocks} decoder blocks; "
-            f"{model_name} has {num_blocks}. Load it onto the base model it was trained on."
-        )
-    if config.hidden_size is not None and config.hidden_size != hidden_size:
-        raise ValueError(
-            f"This steering adapter was made for hidden size {config.hidden_size}; {model_name} has "
-            f"{hidden_size}. Load it onto the base model it was trained on."
-        )
-    for index in config.layers:
-        if not -num_blocks <= index < num_blocks:
-            raise ValueError(
-                f"SteeringConfig(layers={config.layers}): block {index} is out of range for {model_name}, which "
-                f"has {num_blocks} decoder blocks (use 0..{num_blocks - 1}, or -{num_blocks}..-1 from the end)."
-            )
-    layers = [index % num_blocks for index in config.layers]
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"SteeringConfig(layers={config.layers}) names the same block twice.")
-    init_vectors = dict(config.init_vectors or {})
-    for index, vector in init_vectors.items():
-        if not (-num_blocks <= index < num_blocks and index % num_blocks in layers):
-            raise ValueError(
-                f"SteeringConfig(init_vectors=...) has a vector for block {index}, which is not in layers={layers}."
-            )
-        check_vector(vector, index, hidden_size, "SteeringConfig(init_vectors=...)")
-
-    config.layers = layers
-    config.init_vectors = {index % num_blocks: vector for index, vector in init_vectors.items()} or None
-    config.hidden_size, config.num_blocks = hidden_size, num_blocks
-    config.target_modules = [f"{path}.{index}" for index in layers]
-    return config
+__all__ = ["SteeringModel", "check_vector", "resolve_config"]  # the checks stay importable from here
 
 
 class SteeringModel(BaseTuner):
@@ -85,8 +31,9 @@ class SteeringModel(BaseTuner):
     transformers model or a LoRA ``PeftModel``: then the steering sits on top of the LoRA, and disabling or
     deleting steering leaves the LoRA alone.
 
-    State: ``steering_vectors[adapter][str(block)]`` holds the fp32 vectors; ``multipliers[adapter]`` the current
-    strength (a float, or a tensor with one value per batch row).
+    State: ``steering_vectors[adapter][str(block)]`` holds the fp32 vectors; ``multipliers[adapter]`` the stored
+    strength (a float, or a tensor with one value per batch row). ``steering()`` and ``prompt_lengths()`` blocks live
+    in the caller's context (`context`), never here: concurrent threads and asyncio tasks each see their own.
     """
 
     prefix: str = "steering_"
@@ -118,8 +65,6 @@ class SteeringModel(BaseTuner):
         if VECTORS not in self._modules:
             self.steering_vectors = nn.ModuleDict()
             self.multipliers: dict[str, float | torch.Tensor] = {}
-            self._prompt_lengths: torch.Tensor | None = None
-            self._column_offset = 0
 
     def _post_injection_hook(self, model: nn.Module, config: SteeringConfig, adapter_name: str) -> None:
         # Registered only once injection succeeded: a bad config must leave the user's model untouched.
@@ -203,6 +148,13 @@ class SteeringModel(BaseTuner):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.check_adapter_names([adapter_name])
+        if len(self.peft_config) == 1:
+            # A PeftModel (of any adapter type) looks up its active adapter's config in every forward and save.
+            raise ValueError(
+                f"delete_adapter({adapter_name!r}) would remove the last steering adapter, and a PeftModel cannot run "
+                "without one. Use model.unload() for the model without steering, model.disable_adapter() to run it "
+                "unsteered for a while, or add another adapter first: model.add_adapter(name, SteeringConfig(...))."
+            )
         del self.peft_config[adapter_name]
         del self.steering_vectors[adapter_name]
         self.multipliers.pop(adapter_name, None)
@@ -236,7 +188,7 @@ class SteeringModel(BaseTuner):
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         deltas: dict[int, torch.Tensor] = {}
         for name in names:
-            config, multiplier = self.peft_config[name], self.multipliers[name]
+            config, multiplier = self.peft_config[name], self.multiplier_of(name)
             if config.positions != "all":
                 raise ValueError(
                     f"merge_and_unload(): adapter {name!r} steers positions={config.positions!r}; a bias "
@@ -296,6 +248,11 @@ class SteeringModel(BaseTuner):
             listed = repr(missing[0]) if len(missing) == 1 else str(missing)
             raise ValueError(f"No steering adapter named {listed}; the adapters are {sorted(self.peft_config)}.")
 
+    def multiplier_of(self, adapter_name: str) -> float | torch.Tensor:
+        """The strength of ``adapter_name`` for the caller: its innermost ``steering()`` block, else the stored one."""
+        value = strength(self, adapter_name)
+        return self.multipliers[adapter_name] if value is None else value
+
     def vectors_of(self, adapter_name: str) -> nn.ParameterDict:
         """The ``{str(block): vector}`` parameters of ``adapter_name``."""
         self.check_adapter_names([adapter_name])
@@ -340,29 +297,27 @@ class SteeringModel(BaseTuner):
             raise ValueError(
                 f"prompt lengths must be a 1-D tensor with one length per row, got {tuple(lengths.shape)}."
             )
-        previous, self._prompt_lengths = self._prompt_lengths, lengths
-        try:
+        with prompt_ends(self, lengths):
             yield
-        finally:
-            self._prompt_lengths = previous
 
     def completion_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """[batch, seq] float mask of the positions steered under ``positions='completion'``."""
-        if self._prompt_lengths is None:
+        lengths = prompt_end(self)
+        if lengths is None:
             raise ValueError(
                 "SteeringConfig(positions='completion') needs to know where each prompt ends: call generate(), or run "
-                "the forward inside peft_steer.prompt_lengths(model, lengths)."
+                "the forward inside peft_steer.prompt_lengths(model, lengths) (in the same thread or task)."
             )
-        lengths = self._prompt_lengths.to(hidden.device)
+        lengths = lengths.to(hidden.device)
         if lengths.shape[0] != hidden.shape[0]:
             raise ValueError(f"{lengths.shape[0]} prompt lengths were given but the batch has {hidden.shape[0]} rows.")
-        columns = self._column_offset + torch.arange(hidden.shape[1], device=hidden.device)
+        columns = first_column_of(self) + torch.arange(hidden.shape[1], device=hidden.device)
         return (columns[None, :] >= lengths[:, None] - 1).float()
 
     def _record_columns(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Only positions='completion' needs to know where in the padded sequence this call's tokens stand.
         if any(config.positions == "completion" for config in self.peft_config.values()):
-            self._column_offset = first_column(args, kwargs)
+            record_first_column(self, first_column(args, kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``generate`` with each row's prompt end taken from the attention mask (left or right padding)."""

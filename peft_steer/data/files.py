@@ -25,11 +25,13 @@ class Row:
 
 def read_file(path: str) -> list[Row]:
     """The records of a .csv / .json / .jsonl file; a `DataError` names the file and line of what is wrong."""
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder, not a file: give a {', '.join(FILE_TYPES)} file.")
     extension = os.path.splitext(path)[1].lower()
     if extension not in FILE_TYPES:
         raise DataError(f"{path}: unsupported file type {extension or '(none)'!r}; use one of {', '.join(FILE_TYPES)}.")
     if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist (or is not a file).")
+        raise DataError(f"{path} does not exist (or is not a regular file).")
     try:
         with open(path, encoding="utf-8-sig", newline="") as file:
             text = file.read()
@@ -65,14 +67,20 @@ def read_file(path: str) -> list[Row]:
 
 
 def read_csv(text: str, path: str) -> list[Row]:
-    """The rows of CSV ``text`` read from ``path``, keyed by its header; short rows get None for missing cells."""
-    reader = csv.reader(text.splitlines(keepends=True))
+    """The rows of CSV ``text`` read from ``path``, keyed by its header; short rows get None for missing cells.
+
+    A quoted cell whose closing quote is missing is a `DataError` at the line where it opens: Python's reader would
+    otherwise take the rest of the file as that one cell.
+    """
+    lines = text.splitlines(keepends=True)
+    reader = csv.reader(lines)
     try:
         header = next(reader)
     except StopIteration:
         return []
     except csv.Error as error:
         raise DataError(f"{path}, line 1: not valid CSV ({error}).") from None
+    _check_closed_quotes(lines, 1, reader.line_num, path)
     if len(set(header)) != len(header) or any(not column.strip() for column in header):
         raise DataError(f"{path}, line 1: the header {header} has an empty or repeated column name.")
     rows, end = [], reader.line_num
@@ -85,6 +93,7 @@ def read_csv(text: str, path: str) -> list[Row]:
         except csv.Error as error:
             raise DataError(f"{path}, line {start}: not valid CSV ({error}).") from None
         end = reader.line_num
+        _check_closed_quotes(lines, start, end, path)
         if not cells:
             continue
         where = f"{path}, line {start}"
@@ -93,3 +102,36 @@ def read_csv(text: str, path: str) -> list[Row]:
         # A short row leaves its last cells missing (None): reported as missing cells of those columns.
         rows.append(Row(dict(zip(header, cells + [None] * (len(header) - len(cells)))), where))
     return rows
+
+
+def _check_closed_quotes(lines: list[str], start: int, end: int, path: str) -> None:
+    """Raise if the record on lines ``start..end`` (1-based) ends inside a quoted cell.
+
+    Only a record that runs to the end of the file can: the reader keeps reading lines while a quote is open.
+    """
+    if end < len(lines):
+        return
+    line = _unclosed_quote_line(lines[start - 1 : end], start)
+    if line is not None:
+        raise DataError(f'{path}, line {line}: a quoted cell opens here and is never closed (a missing ").')
+
+
+def _unclosed_quote_line(lines: list[str], first: int) -> int | None:
+    """Line number where a quoted cell opens and never closes in this record, or None; follows the csv module's
+    default dialect (a quote opens a cell only at its start; ``""`` inside a quoted cell is a quote)."""
+    state, opened = "start", None
+    for number, line in enumerate(lines, start=first):
+        for char in line:
+            if state == "quoted":
+                state = "quote?" if char == '"' else "quoted"
+            elif state == "quote?" and char == '"':
+                state = "quoted"  # a doubled quote: one quote character, the cell goes on
+            elif char == ",":
+                state = "start"
+            elif state == "start" and char == '"':
+                state, opened = "quoted", number
+            else:
+                state = "unquoted"
+        if state != "quoted":  # the end of a line outside quotes ends the record
+            state = "start"
+    return opened if state == "quoted" else None

@@ -1,13 +1,20 @@
-"""Reading and writing steering adapter folders without a loaded model (safetensors only: nothing is unpickled)."""
+"""Reading and writing steering adapter folders without a loaded model (safetensors only: nothing is unpickled).
+
+A folder that cannot be used is a `ValueError` naming the file to fix (``adapter_config.json`` or
+``adapter_model.safetensors``) in one line, so the library and the command line report the same thing.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
-import tempfile
+from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -20,21 +27,105 @@ CONFIG_NAME = "adapter_config.json"
 
 
 def read_adapter(path: str) -> tuple[SteeringConfig, dict[int, torch.Tensor]]:
-    """Return ``(config, {block: vector})`` of the steering adapter saved in folder ``path``."""
+    """Return ``(config, {block: vector})`` of the steering adapter saved in folder ``path``.
+
+    The vectors keep the dtype they were saved in. Raises ``ValueError`` naming the file for a config that is not a
+    steering adapter's, a damaged weights file, or vectors that do not fit the config (blocks, hidden size, dtype).
+    """
     config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for required in (config_path, weights_path):
         if not os.path.isfile(required):
             raise FileNotFoundError(f"{required} does not exist: {path} is not a saved steering adapter folder.")
-    config = SteeringConfig.from_pretrained(path)
-    if config.peft_type != STEERING:
-        raise ValueError(f"{config_path} describes a {config.peft_type} adapter, not a steering adapter.")
+    config = _read_config(path, config_path)
     vectors = {}
-    for key, tensor in load_file(weights_path).items():
+    for key, tensor in _load_weights(weights_path).items():
         block = block_of_saved_key(key)
         if block is None:
             raise ValueError(f"{weights_path} holds {key!r}, which is not a steering vector.")
+        _check_saved_vector(weights_path, key, tensor, block, config)
         vectors[block] = tensor
+    layers = sorted(block % config.num_blocks if config.num_blocks else block for block in config.layers)
+    if sorted(vectors) != layers:
+        raise ValueError(
+            f"{weights_path} holds vectors for blocks {sorted(vectors)}, but {config_path} lists layers "
+            f"{config.layers}: the folder is inconsistent."
+        )
     return config, vectors
+
+
+def _read_config(folder: str, config_path: str) -> SteeringConfig:
+    """The folder's `SteeringConfig`; every way the JSON can be unusable is one line naming ``config_path``."""
+    try:
+        with open(config_path, encoding="utf-8") as file:
+            raw = json.load(file)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{config_path} is not UTF-8 text ({error.reason}).") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{config_path} is not valid JSON ({error.msg}, line {error.lineno} column {error.colno})."
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} must hold a JSON object of adapter settings, not a {_json_type(raw)}.")
+    _check_fields(raw, config_path)
+    try:
+        return SteeringConfig.from_pretrained(folder)
+    except (TypeError, ValueError) as error:  # a field SteeringConfig refuses
+        raise ValueError(f"{config_path}: {error}") from None
+
+
+def _check_fields(raw: dict[str, Any], config_path: str) -> None:
+    """The fields PEFT and `SteeringConfig` would otherwise fail on with a KeyError or a message without the file."""
+    if "peft_type" not in raw:
+        raise ValueError(f"{config_path} has no 'peft_type': it is not a saved PEFT adapter config.")
+    if raw["peft_type"] != STEERING:
+        raise ValueError(
+            f"{config_path} describes a {raw['peft_type']!r} adapter, not a steering adapter (peft_type {STEERING!r})."
+        )
+    if "layers" not in raw:
+        raise ValueError(f"{config_path} has no 'layers' (the steered blocks): it is not a complete steering config.")
+    layers = raw["layers"]
+    if not isinstance(layers, list) or not layers or not all(_is_int(layer) for layer in layers):
+        raise ValueError(f"{config_path}: 'layers' is {layers!r}; it must be a non-empty list of block indices.")
+    multiplier = raw.get("multiplier", 1.0)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
+        raise ValueError(f"{config_path}: 'multiplier' is {multiplier!r}; it must be a number.")
+    for name in ("hidden_size", "num_blocks"):
+        value = raw.get(name)
+        if value is not None and not (_is_int(value) and value > 0):
+            raise ValueError(f"{config_path}: {name!r} is {value!r}; it must be a positive integer (or null).")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "list", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _load_weights(weights_path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(weights_path)
+    except SafetensorError as error:
+        raise ValueError(
+            f"{weights_path} is not a readable safetensors file (truncated or damaged?): {error}"
+        ) from None
+
+
+def _check_saved_vector(weights_path: str, key: str, tensor: torch.Tensor, block: int, config: SteeringConfig) -> None:
+    """A saved vector must be a float vector of the config's hidden size, for a block of the config's model."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{weights_path}: {key!r} is a {tensor.dtype} tensor; a steering vector is floating point.")
+    hidden = config.hidden_size
+    if tensor.dim() != 1 or (hidden is not None and tensor.shape[0] != hidden):
+        expected = f"({hidden},), the adapter's hidden size" if hidden is not None else "one dimension"
+        raise ValueError(f"{weights_path}: {key!r} has shape {tuple(tensor.shape)}; a steering vector has {expected}.")
+    if config.num_blocks is not None and block >= config.num_blocks:
+        raise ValueError(
+            f"{weights_path}: {key!r} is for block {block}, but the adapter's model has {config.num_blocks} blocks "
+            f"(0..{config.num_blocks - 1})."
+        )
 
 
 def base_structure(base_model: str | os.PathLike | nn.Module) -> nn.Module:
@@ -58,11 +149,14 @@ def write_adapter(
     """Write a steering adapter folder for ``base_model`` holding ``vectors`` ({block: tensor}), as
     ``save_pretrained`` would, and return its config. Loadable with ``PeftModel.from_pretrained``.
 
-    Everything is checked first (blocks in range, hidden size, finite values), the folder is written next to its
-    destination and moved into place at the end: a failure leaves no half-written folder. An existing non-empty
-    ``directory`` is refused.
+    A negative block counts from the end (``-1``: the last block), as in ``SteeringConfig(layers=...)``; the folder
+    holds the resolved block. Everything is checked first (blocks in range, hidden size, finite values), the folder
+    is written next to its destination and moved into place at the end: a failure leaves no half-written folder. An
+    existing non-empty ``directory`` (or a file there) is refused.
     """
     directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"{directory} is a file: choose another output folder or remove it.")
     if os.path.isdir(directory) and os.listdir(directory):
         raise FileExistsError(f"{directory} exists and is not empty: choose another output folder or remove it.")
     model = base_structure(base_model)
@@ -70,19 +164,40 @@ def write_adapter(
     config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     tensors = {}
     for block, vector in vectors.items():
-        check_vector(vector, block, config.hidden_size, f"Writing {directory}")
-        tensors[saved_vector_key(block)] = vector.detach().to("cpu", torch.float32).contiguous()
+        resolved = block % config.num_blocks  # in range: resolve_config checked it
+        check_vector(vector, resolved, config.hidden_size, f"Writing {directory}")
+        tensors[saved_vector_key(resolved)] = vector.detach().to("cpu", torch.float32).contiguous()
+    _write_folder(directory, config, tensors)
+    return config
 
-    parent = os.path.dirname(os.path.abspath(directory))
+
+def staging_path(destination: str) -> str:
+    """A fresh hidden name beside ``destination`` (same folder, so the final rename cannot cross file systems).
+
+    Not ``tempfile``: its private permissions (0600 / 0700) would stay on the renamed output; a plain ``open`` or
+    ``mkdir`` of this name gets the user's usual ones.
+    """
+    parent = os.path.dirname(os.path.abspath(destination))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".peft-steer-", dir=parent)
+    return os.path.join(parent, f".peft-steer-{secrets.token_hex(8)}-{os.path.basename(destination)}")
+
+
+def _write_folder(directory: str, config: SteeringConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the folder under a temporary name beside ``directory`` and rename it: all of it, or nothing."""
+    staging = staging_path(directory)
+    os.mkdir(staging)
     try:
         config.save_pretrained(staging)
         save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
         if os.path.isdir(directory):
-            os.rmdir(directory)  # empty, checked above
+            os.rmdir(directory)  # empty, checked by the caller
         os.replace(staging, directory)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        # The error names the temporary folder, which is gone: name the output instead.
+        raise OSError(
+            error.errno, f"writing {directory} failed, nothing was written: {error.strerror or error}"
+        ) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return config

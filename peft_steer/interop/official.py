@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass
 
@@ -32,10 +33,10 @@ def load_official_vector(path: str | os.PathLike) -> OfficialVector:
     path = os.fspath(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the restricted unpickler refuses arbitrary objects
-        raise ValueError(
-            f"{path} is not a plain tensor file (refused by torch.load(weights_only=True)): {error}"
-        ) from None
+    except OSError:
+        raise
+    except Exception as error:  # torch.load raises all sorts (KeyError, EOFError, RuntimeError) on a non-torch file
+        raise ValueError(_load_error(path, error)) from None
     if not isinstance(loaded, torch.Tensor):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a steering vector tensor.")
     if loaded.dim() != 1 or not loaded.is_floating_point():
@@ -44,6 +45,20 @@ def load_official_vector(path: str | os.PathLike) -> OfficialVector:
     layer = int(match["layer"]) if match else None
     epoch = int(match["epoch"]) if match else None
     return OfficialVector(loaded.detach().float().clone(), layer, epoch)
+
+
+def _load_error(path: str, error: Exception) -> str:
+    """One line saying why ``path`` could not be loaded (torch's own messages run over many lines)."""
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return (
+            f"{path} holds objects other than tensors, which torch.load(weights_only=True) refuses to unpickle "
+            "(they could run code); an official BiPO vector file holds one tensor."
+        )
+    detail = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return (
+        f"{path} is not a PyTorch tensor file written by torch.save (or it is truncated): torch.load failed with "
+        f"{type(error).__name__}{f': {detail[:120]}' if detail else ''}."
+    )
 
 
 def import_official(

@@ -7,13 +7,13 @@ import re
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from trl import DPOConfig
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.data import DataError, load_preference_data
+from peft_steer.data import DataError, load_preference_data, plain_prompt
 from tests.conftest import make_model
 from trl_integration import SteerConfig, SteerTrainer, sharding
 
@@ -62,6 +62,25 @@ def test_options_that_change_the_objective_are_refused(tmp_path, option, value):
         SteerConfig(output_dir=str(tmp_path / "out"), **{option: value})
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("learning_rate", float("inf")),
+        ("learning_rate", float("nan")),
+        ("beta", float("nan")),
+        ("beta", float("inf")),
+        ("num_train_epochs", float("nan")),
+        ("warmup_steps", float("nan")),
+        ("weight_decay", float("inf")),
+        ("per_device_train_batch_size", 0),
+    ],
+)
+def test_numbers_that_cannot_train_are_refused(tmp_path, option, value):
+    with pytest.raises(ValueError, match=rf"SteerConfig\({option}={value}\)"):
+        SteerConfig(output_dir=str(tmp_path / "out"), **{option: value})
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_weight_decay_applies_to_the_vector(tmp_path, tokenizer, pairs):
     trainer = SteerTrainer(
         model=make_model("llama"),
@@ -81,6 +100,23 @@ def _frozen_adapter(tmp_path):
     model = get_peft_model(make_model("llama"), SteeringConfig(layers=[1]))
     model.save_pretrained(tmp_path / "saved")
     return PeftModel.from_pretrained(make_model("llama"), tmp_path / "saved")  # is_trainable=False
+
+
+def _trl_rows() -> list[dict[str, str]]:
+    """The BiPO rows in TRL's prompt / chosen / rejected format, with the plain prompt."""
+    rows = bipo_rows(QUESTIONS[:8])
+    return [
+        {"prompt": plain_prompt(r["question"]), "chosen": " " + r["matching"], "rejected": " " + r["not_matching"]}
+        for r in rows
+    ]
+
+
+def _streamed(rows: list[dict[str, str]]) -> IterableDataset:
+    return Dataset.from_list(rows).to_iterable_dataset()
+
+
+def _stream_args(tmp, **overrides) -> SteerConfig:
+    return fast_args(tmp, **{"max_steps": 2, "precompute_ref_log_probs": False, **overrides})
 
 
 BAD_STARTS = {
@@ -129,6 +165,37 @@ BAD_STARTS = {
         lambda tmp: dict(args=fast_args(tmp, fsdp="full_shard", fsdp_config={"version": 1})),
         NotImplementedError,
         r"SteerTrainer supports FSDP2, not FSDP1: set fsdp_config=\{'version': 2\}",
+    ),
+    "streamed BiPO rows": (
+        lambda tmp: dict(train_dataset=_streamed(bipo_rows(QUESTIONS[:8])), args=_stream_args(tmp)),
+        DataError,
+        r"train_dataset is streamed \(an IterableDataset\) with columns question, matching, not_matching: "
+        r"stream TRL's prompt / chosen / rejected",
+    ),
+    "streamed, reference log-probs up front": (
+        lambda tmp: dict(train_dataset=_streamed(_trl_rows()), args=_stream_args(tmp, precompute_ref_log_probs=True)),
+        ValueError,
+        r"train_dataset is streamed \(an IterableDataset\): set precompute_ref_log_probs=False",
+    ),
+    "streamed eval set, reference log-probs up front": (
+        lambda tmp: dict(eval_dataset=_streamed(_trl_rows()), args=fast_args(tmp, max_steps=2)),
+        ValueError,
+        r"eval_dataset is streamed \(an IterableDataset\): set precompute_ref_log_probs=False",
+    ),
+    "streamed eval set in a dict": (
+        lambda tmp: dict(eval_dataset={"held": _streamed(_trl_rows())}, args=fast_args(tmp, max_steps=2)),
+        ValueError,
+        r"eval_dataset\['held'\] is streamed \(an IterableDataset\): set precompute_ref_log_probs=False",
+    ),
+    "streamed, prefix cache asked for": (
+        lambda tmp: dict(train_dataset=_streamed(_trl_rows()), args=_stream_args(tmp, prefix_cache="cpu")),
+        ValueError,
+        r"train_dataset is streamed \(an IterableDataset\): set prefix_cache='off' \(or 'auto'\)",
+    ),
+    "streamed, no max_steps": (
+        lambda tmp: dict(train_dataset=_streamed(_trl_rows()), args=_stream_args(tmp, max_steps=-1)),
+        ValueError,
+        r"train_dataset is streamed \(an IterableDataset\), so its length is unknown: set max_steps",
     ),
     "DPOConfig": (
         lambda tmp: dict(args=DPOConfig(output_dir=str(tmp / "out"), use_cpu=True, report_to="none")),
@@ -208,3 +275,23 @@ def test_long_pairs_are_truncated_and_counted(tmp_path, tokenizer):
     assert peft_steer.get_vectors(trainer.model)[1].abs().sum() > 0
     assert trainer.data_collator([trainer.train_dataset[i] for i in range(4)])["input_ids"].shape[1] <= max_length
     assert torch.isfinite(torch.tensor(trainer.state.log_history[0]["loss"]))
+
+
+def test_streamed_pairs_train_as_a_map_style_set_does(tmp_path, tokenizer):
+    # One batch holds the whole set, so the order a stream gives the pairs in does not change a step.
+    rows = _trl_rows()
+    vectors = {}
+    for name, data in {"map-style": Dataset.from_list(rows), "streamed": _streamed(rows)}.items():
+        trainer = SteerTrainer(
+            model=make_model("llama"),
+            args=_stream_args(tmp_path / name, max_steps=3, per_device_train_batch_size=8),
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=SteeringConfig(layers=[1]),
+        )
+        trainer.train()
+        vectors[name] = peft_steer.get_vectors(trainer.model)[1]
+    # prefix_cache='auto' is off for a stream: its size is unknown, and the cache would keep every sequence read.
+    assert trainer.prefix_plan.cache is None
+    assert trainer.state.global_step == 3 and vectors["streamed"].abs().max() > 1e-3
+    torch.testing.assert_close(vectors["streamed"], vectors["map-style"], atol=1e-6, rtol=1e-5)

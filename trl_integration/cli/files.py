@@ -21,7 +21,9 @@ def add_file_commands(commands: Any) -> None:
     )
     official.add_argument("file", help="The .pt file: one float tensor, loaded with weights_only=True.")
     official.add_argument("--base-model", required=True, help="Hub id or local folder of the base model.")
-    official.add_argument("--layer", type=int, default=None, help="Block index (default: from the file name).")
+    official.add_argument(
+        "--layer", type=int, default=None, help="Block index, negative from the end (default: from the file name)."
+    )
     official.add_argument("--out", required=True, help="Adapter folder to write (must not exist or be empty).")
     official.set_defaults(run=run_import_official)
 
@@ -29,6 +31,7 @@ def add_file_commands(commands: Any) -> None:
     export.add_argument("adapter", help="Adapter folder (save_pretrained output).")
     export.add_argument("out", help="The .gguf file to write.")
     export.add_argument("--model-hint", default=None, help="controlvector.model_hint (default: the base's type).")
+    export.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists (it is refused otherwise).")
     export.set_defaults(run=run_export_gguf)
 
     gguf_in = commands.add_parser("import-gguf", help="Turn a llama.cpp control vector into an adapter folder.")
@@ -62,7 +65,7 @@ def run_import_official(args: argparse.Namespace) -> None:
 
 def run_export_gguf(args: argparse.Namespace) -> None:
     """Steering adapter folder -> llama.cpp control vector."""
-    export_gguf(args.adapter, args.out, model_hint=args.model_hint)
+    export_gguf(args.adapter, args.out, model_hint=args.model_hint, overwrite=args.overwrite)
     print(f"wrote {args.out}")
 
 

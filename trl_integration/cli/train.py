@@ -7,8 +7,9 @@ choices and help from that field; the options listed in ``config_fields`` go to 
 from __future__ import annotations
 
 import argparse
-import glob
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,10 +18,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from peft_steer import SteeringConfig
 from peft_steer.data import BEHAVIORS, SYSTEM_PROMPT, DataError, load_preference_data
 
+from ..callbacks import NonFiniteVectorError
 from ..config import DEFAULT_EPOCHS, PAPER_PRESETS, SteerConfig, paper_preset
 from ..trainer import SteerTrainer
 from .errors import CommandError
 from .options import add_field_option, field_default
+from .train_checks import check_numbers, checked_output
 
 
 def add_train_command(commands: Any) -> None:
@@ -120,13 +123,16 @@ def _description() -> str:
 
 def run_train(args: argparse.Namespace) -> None:
     """Check everything, then train; nothing is written to the output folder before the checks pass."""
+    check_numbers(args)
+    if args.data is not None and os.path.isdir(args.data):
+        raise CommandError(f"--data {args.data} is a folder, not a file: give a .csv, .json or .jsonl file.")
     if args.data is not None and not os.path.isfile(args.data):
         raise CommandError(f"--data {args.data}: no such file.")
     layer, epochs = _layer_and_epochs(args)
     source = args.behavior or os.path.splitext(os.path.basename(args.data))[0]
     output_dir = args.output_dir or f"bipo-{source}-L{layer}"
     _check_layer(args, layer)
-    resume = _checked_resume(args.resume, output_dir)
+    resume = checked_output(output_dir, args.resume)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -150,19 +156,35 @@ def run_train(args: argparse.Namespace) -> None:
         raise CommandError(str(error)) from None
 
     model = AutoModelForCausalLM.from_pretrained(args.model, **_load_kwargs(args))
-    trainer = SteerTrainer(
-        model=model,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=SteeringConfig(layers=[layer], positions=args.positions),
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(output_dir)
+    with _no_empty_folder_left(output_dir):
+        trainer = SteerTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=SteeringConfig(layers=[layer], positions=args.positions),
+        )
+        try:
+            trainer.train(resume_from_checkpoint=resume)
+        except NonFiniteVectorError as error:
+            raise CommandError(str(error)) from None
+        trainer.save_model(output_dir)
     # Destroys the process group of a multi-process launch; without it Gloo can abort the process at exit.
     trainer.accelerator.end_training()
     print(f"Saved the steering adapter (block {layer}) to {os.path.abspath(output_dir)}")
     print(f"One vector per epoch: {os.path.join(os.path.abspath(output_dir), 'vectors')}")
+
+
+@contextmanager
+def _no_empty_folder_left(output_dir: str) -> Iterator[None]:
+    """The Trainer creates ``output_dir`` when it is built: a run that fails before writing into it removes it."""
+    existed = os.path.exists(output_dir)
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.isdir(output_dir) and not os.listdir(output_dir):
+            os.rmdir(output_dir)
+        raise
 
 
 def _layer_and_epochs(args: argparse.Namespace) -> tuple[int, float]:
@@ -181,20 +203,6 @@ def _check_layer(args: argparse.Namespace, layer: int) -> None:
     blocks = getattr(model_config.get_text_config(), "num_hidden_layers", None)
     if blocks is not None and not -blocks <= layer < blocks:
         raise CommandError(f"--layer {layer}: {args.model} has {blocks} decoder blocks (0..{blocks - 1}).")
-
-
-def _checked_resume(resume: bool | str | None, output_dir: str) -> bool | str | None:
-    """``--resume`` checked against the checkpoints in ``output_dir``; a run there is refused without it."""
-    checkpoints = glob.glob(os.path.join(output_dir, "checkpoint-*"))
-    if resume is None and checkpoints:
-        raise CommandError(
-            f"{output_dir} already holds checkpoints: pass --resume to continue that run, or another --output-dir."
-        )
-    if resume is True and not checkpoints:
-        raise CommandError(f"--resume: {output_dir} holds no checkpoint-* folder to resume from.")
-    if isinstance(resume, str) and not os.path.isdir(resume):
-        raise CommandError(f"--resume {resume}: no such checkpoint folder.")
-    return resume
 
 
 def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,6 +17,10 @@ from tests.conftest import make_model
         ({"positions": "prompt"}, ValueError, "positions='prompt'"),
         ({"init": "ones"}, ValueError, "init='ones'"),
         ({"multiplier": torch.tensor([1.0, 2.0])}, TypeError, "steering\\(model, multiplier=tensor\\)"),
+        ({"multiplier": float("nan")}, ValueError, "SteeringConfig\\(multiplier=nan\\).*finite"),
+        ({"multiplier": float("inf")}, ValueError, "SteeringConfig\\(multiplier=inf\\).*finite"),
+        ({"multiplier": -1e300}, ValueError, "SteeringConfig\\(multiplier=-1e\\+300\\).*float32"),
+        ({"multiplier": True}, TypeError, "SteeringConfig\\(multiplier=True\\).*number"),
     ],
 )
 def test_bad_options_are_named(kwargs, error, message):
@@ -58,6 +62,7 @@ def test_init_vectors_are_checked_and_used():
         ({7: given}, "block 7, which is not in layers"),
         ({3: torch.zeros(31)}, "has shape \\(31,\\); the model's hidden size is 32"),
         ({3: torch.tensor([float("inf")] * 32)}, "NaN or inf"),
+        ({3: torch.full((32,), 1e300, dtype=torch.float64)}, "block 3 .*float32"),
     ]:
         base = make_model()
         with pytest.raises(ValueError, match=message):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 
 import peft_steer
 from peft_steer import SteeringConfig, SteeringLayer
@@ -62,13 +62,32 @@ def test_set_multiplier_float_is_saved_tensor_is_not(tmp_path):
         (torch.ones(2, 2), ValueError, "1-D"),
         (torch.tensor([1.0, float("inf")]), ValueError, "NaN or inf"),
         ("strong", TypeError, "number or a 1-D tensor"),
+        (torch.tensor(float("nan")), ValueError, "finite.*nan"),
+        (torch.tensor(float("-inf")), ValueError, "finite.*-inf"),
+        (1e300, ValueError, "float32.*1e\\+300"),
+        (torch.tensor(1e300, dtype=torch.float64), ValueError, "float32.*1e\\+300"),
+        (torch.tensor([1.0, -1e300], dtype=torch.float64), ValueError, "float32"),
+        (torch.tensor([1.0 + 2.0j, 1.0]), TypeError, "complex"),
+        (torch.tensor(1.0 + 2.0j), TypeError, "complex"),
+        (torch.tensor([True, False]), TypeError, "bool"),
     ],
 )
 def test_bad_multipliers(value, error, message):
     model = make()
     with pytest.raises(error, match=message):
         peft_steer.set_multiplier(model, value)
-    assert peft_steer.get_multiplier(model) == 1.0
+    with pytest.raises(error, match=message), peft_steer.steering(model, multiplier=value):
+        pass
+    assert peft_steer.get_multiplier(model) == 1.0 and model.peft_config["default"].multiplier == 1.0
+
+
+def test_a_nan_multiplier_is_never_saved(tmp_path, input_ids):
+    model = make()
+    with pytest.raises(ValueError):
+        peft_steer.set_multiplier(model, torch.tensor(float("nan")))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model(), tmp_path)
+    assert torch.isfinite(logits(loaded, input_ids)).all()
 
 
 def test_get_vectors_returns_copies_and_set_vectors_checks_everything_first():
@@ -82,8 +101,11 @@ def test_get_vectors_returns_copies_and_set_vectors_checks_everything_first():
         ({1: torch.zeros(32), 3: torch.zeros(32)}, "not block 3"),
         ({1: torch.zeros(32), 2: torch.zeros(16)}, "shape \\(16,\\)"),
         ({1: torch.zeros(32), 2: torch.full((32,), float("nan"))}, "NaN"),
+        ({1: torch.zeros(32), 2: torch.full((32,), 1e300, dtype=torch.float64)}, "block 2 .*float32"),
+        ({1: torch.zeros(32), 2: torch.zeros(32, dtype=torch.complex64)}, "block 2 .*complex"),
+        ({1: torch.zeros(32), 2: torch.zeros(32, dtype=torch.bool)}, "block 2 .*bool"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises((ValueError, TypeError), match=message):
             peft_steer.set_vectors(model, bad)
         after = peft_steer.get_vectors(model)
         assert all(torch.equal(before[b], after[b]) for b in before), "a failed set_vectors changed a vector"
@@ -131,3 +153,31 @@ def test_delete_adapter_and_unload(input_ids):
     assert not any(isinstance(m, SteeringLayer) for m in inner.modules())
     assert torch.equal(logits(inner, input_ids), base_logits)
     assert set(inner.state_dict()) == set(make_model().state_dict())
+
+
+def test_deleting_the_last_steering_adapter_is_refused_and_changes_nothing(tmp_path, input_ids):
+    model = make()
+    steered = logits(model, input_ids)
+    with pytest.raises(ValueError, match="last steering adapter.*unload\\(\\).*add_adapter"):
+        model.delete_adapter("default")
+    assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]
+    torch.testing.assert_close(logits(model, input_ids), steered, rtol=0, atol=0)
+    with peft_steer.steering(model, multiplier=-1.0):
+        assert not torch.allclose(logits(model, input_ids), steered)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    # With another adapter added first, the old one can go.
+    model.add_adapter("next", SteeringConfig(layers=[2]))
+    model.delete_adapter("default")
+    assert list(model.peft_config) == ["next"] and model.active_adapters == ["next"]
+
+
+def test_steering_with_no_active_adapter_says_so():
+    model = make()
+    model.base_model.set_adapter([])
+    with pytest.raises(ValueError, match="no active steering adapter"), peft_steer.steering(model, multiplier=2.0):
+        pass
+    with pytest.raises(ValueError, match="no active steering adapter"):
+        peft_steer.set_multiplier(model, 2.0)
+    with peft_steer.steering(model, multiplier=2.0, adapter_name="default"):  # named: it still applies
+        assert peft_steer.get_multiplier(model) == 2.0

@@ -54,6 +54,15 @@ def test_two_active_adapters_merge_as_their_sum(input_ids):
     assert torch.allclose(merged, steered, atol=1e-5)
 
 
+def test_merge_inside_a_steering_block_folds_the_blocks_multiplier(input_ids):
+    model = build("gpt2", {}, multiplier=0.5)
+    with torch.no_grad(), peft_steer.steering(model, multiplier=-2.0):
+        steered = model(input_ids).logits
+        merged = model.merge_and_unload()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids).logits, steered, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "arch, config_kwargs, message",
     [

@@ -140,8 +140,22 @@ def test_checkpoint_with_a_wrong_shape_or_nan_is_refused(tmp_path):
     save_file({**tensors, "base_model.steering_vectors.1": torch.full((32,), float("nan"))}, weights)
     with pytest.raises(ValueError, match="block 1 contains NaN"):
         PeftModel.from_pretrained(make_model(), tmp_path)
+    save_file({**tensors, "base_model.steering_vectors.1": torch.full((32,), 1e300, dtype=torch.float64)}, weights)
+    with pytest.raises(ValueError, match="block 1 .*float32"):
+        PeftModel.from_pretrained(make_model(), tmp_path)
     save_file({"base_model.steering_vectors.1": tensors["base_model.steering_vectors.1"]}, weights)
     with pytest.raises(ValueError, match="vectors for blocks \\[1\\].*lists layers \\[1, 3\\]"):
+        PeftModel.from_pretrained(make_model(), tmp_path)
+
+
+@pytest.mark.parametrize("text", ["NaN", "-Infinity", "1e400", "1e300"])
+def test_a_bad_multiplier_in_adapter_config_is_refused_at_load(tmp_path, text):
+    """Python's json reads NaN, Infinity and 1e400 (inf); 1e300 is finite but inf in the vectors' float32."""
+    trained_like().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(path.read_text().replace('"multiplier": 1.0', f'"multiplier": {text}'))
+    assert f'"multiplier": {text}' in path.read_text()
+    with pytest.raises(ValueError, match="SteeringConfig\\(multiplier=.*\\).*finite"):
         PeftModel.from_pretrained(make_model(), tmp_path)
 
 

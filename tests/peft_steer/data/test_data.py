@@ -207,6 +207,12 @@ def test_csv_cells_with_newlines_and_quotes(tmp_path, tokenizer):
     assert rows[0]["question"] in load_preference_data(str(path), tokenizer)[0]["prompt"]
 
 
+def test_quotes_inside_an_unquoted_cell_are_text(tmp_path, tokenizer):
+    path = _write(tmp_path / "inner.csv", 'question,matching,not_matching\nHe said "yes,a,b\nq2,a2,b2 "x\n')
+    dataset = load_preference_data(path, tokenizer)
+    assert len(dataset) == 2 and 'He said "yes' in dataset[0]["prompt"] and dataset[1]["rejected"] == ' b2 "x</s>'
+
+
 def test_a_dataset_for_the_trainer_is_checked_and_converted(tokenizer):
     trl_rows = Dataset.from_list([*STANDARD, {"prompt": "Q2?", "chosen": " same", "rejected": " same", "extra": 2}])
     with pytest.warns(UserWarning, match=r"my_data: dropped 1 of 2 pairs .* \(first: my_data\[1\]\)"):
@@ -230,6 +236,11 @@ def test_identical_pairs_are_dropped_with_a_count(tokenizer):
 
 def _write(path, text: str) -> str:
     path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _mkdir(path) -> str:
+    path.mkdir()
     return str(path)
 
 
@@ -257,6 +268,20 @@ ERRORS = {
         lambda tmp: _write(tmp / "long.csv", "question,matching,not_matching\nq,a,b,c\n"),
         r"long\.csv, line 2: 4 cells, but the header has 3 columns",
     ),
+    "unterminated quote": (
+        lambda tmp: _write(tmp / "open.csv", 'question,matching,not_matching\nq,a,b\nq2,a2,"b2\nq3,a3,b3\nq4,a4,b4\n'),
+        r"open\.csv, line 3: a quoted cell opens here and is never closed",
+    ),
+    "unterminated quote after a cell of two lines": (
+        lambda tmp: _write(tmp / "open2.csv", 'question,matching,not_matching\n"q\nstill q",a,"b\nq3,a3,b3\n'),
+        r"open2\.csv, line 3: a quoted cell opens here and is never closed",
+    ),
+    "unterminated quote in the header": (
+        lambda tmp: _write(tmp / "open3.csv", 'question,matching,"not_matching\nq,a,b\n'),
+        r"open3\.csv, line 1: a quoted cell opens here and is never closed",
+    ),
+    "folder": (lambda tmp: _mkdir(tmp / "pairs.csv"), r"pairs\.csv is a folder, not a file"),
+    "folder without a suffix": (lambda tmp: _mkdir(tmp / "pairs"), r"pairs is a folder, not a file"),
     "empty answer": (
         lambda tmp: _write(tmp / "blank.csv", 'question,matching,not_matching\nq,a,b\n"q\nq","  ",b\n'),
         r"blank\.csv, line 3, column 'matching': the cell is empty",

@@ -112,3 +112,28 @@ def test_llama_cpp_cannot_steer_block_0(tmp_path, capsys):
     assert main([*args, str(tmp_path / "out")]) == 2
     assert "direction.0 is not a valid control vector block" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"hello world\n", "is not a PyTorch tensor file"),
+        (b"", "is not a PyTorch tensor file"),
+        (pickle.dumps(print), "weights_only"),
+    ],
+)
+def test_a_file_that_is_no_tensor_file_is_one_line_naming_it(tmp_path, content, message):
+    (tmp_path / "vec_ep1_layer1.pt").write_bytes(content)
+    with pytest.raises(ValueError) as raised:
+        load_official_vector(tmp_path / "vec_ep1_layer1.pt")
+    text = str(raised.value)
+    assert str(tmp_path / "vec_ep1_layer1.pt") in text and message in text and "\n" not in text
+
+
+def test_a_negative_layer_is_the_block_counted_from_the_end(tmp_path):
+    make_model().save_pretrained(tmp_path / "base")
+    torch.save(torch.ones(32), tmp_path / "vector.pt")
+    config = import_official(tmp_path / "vector.pt", tmp_path / "base", tmp_path / "last", layer=-1)
+    assert config.layers == [3]
+    loaded = PeftModel.from_pretrained(make_model(), tmp_path / "last")
+    assert torch.equal(peft_steer.get_vectors(loaded)[3], torch.ones(32))

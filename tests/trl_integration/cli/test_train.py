@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import errno
 import os
 
 import pytest
+import torch
 from peft import PeftModel
 
 import peft_steer
 from tests.conftest import make_model, make_tokenizer
 from tests.trl_integration.conftest import QUESTIONS, bipo_rows
+from trl_integration import SteerTrainer
 from trl_integration.cli import main
 from trl_integration.config import paper_preset
 
@@ -76,6 +79,7 @@ BAD = {
     "no layer for an unknown model": (["--data", "{csv}"], "--layer is required"),
     "resume without checkpoints": (["--data", "{csv}", "--layer", "1", "--resume"], "holds no checkpoint-*"),
     "wrong file type": (["--data", "{tmp}/pairs.parquet", "--layer", "1"], "unsupported file type '.parquet'"),
+    "a folder as data": (["--data", "{tmp}", "--layer", "1"], "--data {tmp} is a folder, not a file"),
 }
 
 
@@ -103,3 +107,151 @@ def test_behavior_choices_are_checked(model_dir, capsys):
         main(["train", "--model", model_dir, "--behavior", "honesty", "--layer", "1"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'honesty'" in capsys.readouterr().err
+
+
+def _base(model_dir, tmp_path, output) -> list[str]:
+    data = ["--data", _csv(tmp_path / "pairs.csv", bipo_rows(QUESTIONS[:8]))]
+    return ["train", "--model", model_dir, *data, "--layer", "1", "--output-dir", str(output), *FAST]
+
+
+def _one_error_line(capsys, alone: bool = True) -> str:
+    """The error line of the command; ``alone``: the only line on stderr (a check before anything is loaded), else
+    the only error line after the progress bars of loading and training."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    # A progress bar ends its line with a carriage return only: the error may follow on the same line.
+    errors = [line.rpartition("\r")[2] for line in lines if "peft-steer train: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("peft-steer train: error:"), lines
+    assert len(lines) == 1 or not alone, lines
+    return errors[0]
+
+
+BAD_NUMBERS = {
+    "--learning-rate inf": "--learning-rate inf: must be a finite number above 0",
+    "--learning-rate 0": "--learning-rate 0: must be a finite number above 0",
+    "--beta nan": "--beta nan: must be a finite number above 0",
+    "--epochs 0": "--epochs 0: must be a finite number above 0",
+    "--epochs nan": "--epochs nan: must be a finite number above 0",
+    "--warmup-steps nan": "--warmup-steps nan: must be a finite number, 0 or more",
+    "--weight-decay -0.1": "--weight-decay -0.1: must be a finite number, 0 or more",
+    "--batch-size 0": "--batch-size 0: must be a whole number, 1 or more",
+    "--gradient-accumulation-steps 0": "--gradient-accumulation-steps 0: must be a whole number, 1 or more",
+    "--max-length 0": "--max-length 0: must be a whole number, 1 or more",
+    "--save-steps 0": "--save-steps 0: must be a whole number, 1 or more",
+    "--logging-steps -1": "--logging-steps -1: must be a whole number, 1 or more",
+    "--max-steps 0": "--max-steps 0: must be a whole number, 1 or more (or -1: train for --epochs)",
+}
+
+
+@pytest.mark.parametrize("option", list(BAD_NUMBERS))
+def test_bad_numbers_exit_2_with_one_line_and_write_nothing(tmp_path, model_dir, capsys, option):
+    output = tmp_path / "run"
+    # After FAST, so that the bad value is the one argparse keeps.
+    assert main([*_base(model_dir, tmp_path, output), *option.split()]) == 2
+    assert BAD_NUMBERS[option] in _one_error_line(capsys)
+    assert not output.exists()
+
+
+def test_a_non_empty_output_dir_without_checkpoints_is_refused(tmp_path, model_dir, capsys):
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "README.md").write_text("my notes")
+    (output / "adapter_config.json").write_text("{}")
+    assert main(_base(model_dir, tmp_path, output)) == 2
+    line = _one_error_line(capsys)
+    assert f"--output-dir {output}" in line and "not empty" in line
+    assert sorted(os.listdir(output)) == ["README.md", "adapter_config.json"]  # nothing written or overwritten
+    assert (output / "README.md").read_text() == "my notes"
+    # --resume does not open it either: it holds no checkpoint to resume.
+    assert main([*_base(model_dir, tmp_path, output), "--resume"]) == 2
+    assert "holds no checkpoint-*" in _one_error_line(capsys)
+    assert sorted(os.listdir(output)) == ["README.md", "adapter_config.json"]
+
+
+def test_an_empty_output_dir_is_used(tmp_path, model_dir):
+    output = tmp_path / "run"
+    output.mkdir()
+    assert main(_base(model_dir, tmp_path, output)) == 0
+    assert os.path.isfile(output / "adapter_model.safetensors")
+
+
+def test_a_failure_after_the_checks_leaves_no_empty_output_dir(tmp_path, model_dir, monkeypatch, capsys):
+    # The Trainer creates the output folder when it is built; a run that fails before writing into it removes it.
+    def fails(self, *args, **kwargs):
+        raise ValueError("stopped before the first step")
+
+    monkeypatch.setattr(SteerTrainer, "train", fails)
+    output = tmp_path / "run"
+    assert main(_base(model_dir, tmp_path, output)) == 2
+    assert "stopped before the first step" in _one_error_line(capsys, alone=False)
+    assert not output.exists()
+
+
+def _final_vector(output) -> torch.Tensor:
+    return peft_steer.get_vectors(PeftModel.from_pretrained(make_model("llama"), output))[1]
+
+
+def test_resume_skips_a_checkpoint_cut_off_while_being_written(tmp_path, model_dir, capsys):
+    output = tmp_path / "run"
+    base = [*_base(model_dir, tmp_path, output), "--max-steps", "4", "--save-steps", "2"]
+    assert main(base) == 0
+    uninterrupted = _final_vector(output)
+    # As a kill while checkpoint-4 was written leaves it: the weights cut short, trainer_state.json not yet there.
+    newest = output / "checkpoint-4"
+    (newest / "trainer_state.json").unlink()
+    weights = newest / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"Resuming from {output / 'checkpoint-2'}" in out and "checkpoint-4 is incomplete" in out
+    torch.testing.assert_close(_final_vector(output), uninterrupted, atol=1e-6, rtol=1e-6)
+    assert os.path.isfile(newest / "trainer_state.json")  # written again, whole
+    # A cut-off checkpoint named explicitly is refused; with none complete, --resume alone is too.
+    (newest / "trainer_state.json").unlink()
+    assert main([*base, "--resume", str(newest)]) == 2
+    assert f"--resume {newest}: checkpoint-4 is incomplete" in _one_error_line(capsys)
+    (output / "checkpoint-2" / "trainer_state.json").unlink()
+    assert main([*base, "--resume"]) == 2
+    assert "no complete checkpoint" in _one_error_line(capsys)
+
+
+def _fail_writing_weights(monkeypatch, when) -> None:
+    """PEFT's weights write fails half-way, as on a full disk, for the paths ``when`` accepts."""
+    import peft.peft_model
+
+    write = peft.peft_model.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if not when(str(filename)):
+            return write(tensors, filename, *args, **kwargs)
+        with open(filename, "wb") as file:
+            file.write(b"\x00" * 16)
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_earlier_adapter(tmp_path, model_dir, monkeypatch, capsys):
+    output = tmp_path / "run"
+    base = [*_base(model_dir, tmp_path, output), "--save-steps", "2"]
+    assert main(base) == 0
+    before = _final_vector(output)
+    _fail_writing_weights(monkeypatch, when=lambda path: "checkpoint-" not in path and "vectors" not in path)
+    capsys.readouterr()
+    assert main([*base, "--max-steps", "4", "--resume"]) == 2
+    assert "No space left on device" in _one_error_line(capsys, alone=False)
+    # The adapter of the first run still loads, whole; nothing half-written is left beside the output folder.
+    torch.testing.assert_close(_final_vector(output), before)
+    assert os.path.isdir(output / "checkpoint-4")
+    assert sorted(os.listdir(tmp_path)) == sorted(["pairs.csv", "run", "tiny-llama"])
+
+
+def test_a_run_whose_vector_diverges_stops_and_saves_nothing(tmp_path, model_dir, capsys):
+    output = tmp_path / "run"
+    # AdamW moves each coordinate by about the learning rate: 1e30 after step 1, then the activations overflow.
+    arguments = [*_base(model_dir, tmp_path, output), "--max-steps", "4", "--save-steps", "1", "--learning-rate"]
+    assert main([*arguments, "1e30"]) == 2
+    line = _one_error_line(capsys, alone=False)
+    assert "step 2" in line and "not finite" in line
+    assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint-")) == ["checkpoint-1"]
+    assert not os.path.exists(output / "adapter_model.safetensors")
