@@ -31,6 +31,7 @@ setup(
         "safetensors>=0.4",
         "tokenizers>=0.21",
         "huggingface_hub>=1.0",
+        "pyyaml>=6.0",  # peft-steer train --config
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.6"],

@@ -1,7 +1,9 @@
 """peft-steer: BiPO steering vectors as a native PEFT adapter type.
 
 ``import peft_steer`` registers the ``STEERING`` adapter type with PEFT, so that ``get_peft_model``,
-``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and ``push_to_hub`` work with steering adapters.
+``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM`` and ``push_to_hub`` work with steering adapters, and
+with transformers' own adapter loading: ``AutoModelForCausalLM.from_pretrained(adapter_folder)``,
+``model.load_adapter(adapter_folder)`` and ``pipeline("text-generation", model=adapter_folder)``.
 
 Subpackages: ``adapter`` (the PEFT tuner and its run-time control), ``data`` (preference data), ``evaluate`` (scores,
 generation, CAA), ``interop`` (adapter files, official vectors, GGUF), ``organism`` (the tiny model that tests and

@@ -4,6 +4,7 @@ and transformers 5.24), so that a change there shows up in one module. The overr
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from torch import nn
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import TrlParser
 
 
 @contextmanager
@@ -121,3 +123,20 @@ def close_progress_bars(trainer: Any) -> None:
                 if getattr(callback, name, None) is not None:
                     getattr(callback, name).close()
                     setattr(callback, name, None)
+
+
+def trl_parser_options(config_class: type) -> list[tuple[list[str], dict[str, Any]]]:
+    """The ``add_argument`` calls that `trl.TrlParser` makes for ``config_class``: its flags and keywords.
+
+    Recorded by overriding ``add_argument``, which `HfArgumentParser` (TrlParser's base) calls once per dataclass
+    field: the command line then takes each field as `trl dpo` does, with TRL's types, choices and help.
+    """
+    calls: list[tuple[list[str], dict[str, Any]]] = []
+
+    class Recorder(TrlParser):
+        def add_argument(self, *flags: str, **kwargs: Any) -> argparse.Action:
+            calls.append((list(flags), dict(kwargs)))
+            return super().add_argument(*flags, **kwargs)
+
+    Recorder(config_class, add_help=False)
+    return calls

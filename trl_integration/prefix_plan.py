@@ -81,11 +81,13 @@ class PrefixPlan:
     def _create(self, prepared: Any, args: SteerConfig) -> None:
         if self.off_reason is not None:
             self.train_size = 0
-            logger.warning("Prefix cache off: %s. Every step runs the whole model.", self.off_reason)
+            # A note where the cache was left to 'auto' (or turned off); a warning where a storage was asked for.
+            log = logger.info if args.prefix_cache in ("auto", "off") else logger.warning
+            log("Prefix cache off: %s. Every step runs the whole model.", self.off_reason)
             return
         self.train_size = size = self._bytes(prepared)
         storage = choose_storage(args.prefix_cache, size, args.device)
-        logger.warning(
+        logger.info(
             "Prefix cache: the output of blocks 0..%d for every training sequence, about %.1f MiB (%s), kept on %s.",
             self.block, size / 2**20, self._dtype(), storage,
         )  # fmt: skip
@@ -98,7 +100,7 @@ class PrefixPlan:
         total = self.train_size + sum(self.eval_sizes.values())
         cache = self.cache
         storage = choose_storage(args.prefix_cache, total, args.device) if not cache.entries else cache.storage
-        logger.warning(
+        logger.info(
             "Prefix cache: the %s dataset adds about %.1f MiB, %.1f MiB in all, kept on %s.",
             dataset_name, size / 2**20, total / 2**20, storage,
         )  # fmt: skip
@@ -169,7 +171,7 @@ class PrefixPlan:
             yield
             return
         where = "host memory" if destination == "cpu" else f"a file in {args.prefix_cache_dir or 'a temp folder'}"
-        logger.warning(
+        logger.info(
             "Blocks 0..%d (%.1f MiB of weights) moved to %s for training: every training sequence is in the prefix "
             "cache, so no step runs them.", self.block, offloaded.nbytes / 2**20, where,
         )  # fmt: skip

@@ -356,11 +356,14 @@ class SteerTrainer(DPOTrainer):
         with staged_folder(output_dir or self.args.output_dir, writer=self.args.should_save) as staging:
             super().save_model(staging, _internal_call)
 
-    # TRL rewrites output_dir/README.md at each checkpoint; keep the steering section of the card in it.
+    # TRL rewrites output_dir/README.md (at each checkpoint, and in push_to_hub) as a transformers model's card whose
+    # quick start is `pipeline(...)`: make it the steering adapter's card (library_name peft, base_model, the quick
+    # start loading this repository with PeftModel), keeping TRL's metadata and training section.
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():
-            write_model_card(self.args.output_dir, self.steering_model.peft_config[self.adapter_name])
+            config = self.steering_model.peft_config[self.adapter_name]
+            write_model_card(self.args.output_dir, config, repo_id=self.hub_model_id or self.args.hub_model_id)
 
 
 def _sharding_engine(args: SteerConfig) -> str | None:

@@ -2,8 +2,8 @@
 hook), ``model`` (the BaseTuner), plus ``control`` (strength, direction, vectors at run time), ``context`` (the
 run-time state of each thread or asyncio task: strengths and prompt ends), ``resolve`` (checking a config and its
 vectors against a model), ``blocks`` (finding the decoder blocks of any architecture), ``merge`` (folding a vector
-into a bias), ``card`` (the model card) and ``registry`` (registration with PEFT). ``_peft_compat`` holds every PEFT /
-transformers / torch internal the adapter touches.
+into a bias), ``card`` (the model card) and ``registry`` (registration with PEFT, and with transformers' own adapter
+loading). ``_peft_compat`` holds every PEFT / transformers / torch internal the adapter touches.
 """
 
 from .blocks import find_block_list, hidden_size_of

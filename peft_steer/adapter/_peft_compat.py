@@ -5,14 +5,18 @@ watch them).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import peft
 import peft.mapping
 import torch
-from peft import PeftModel
+import transformers
+from peft import PeftConfig, PeftModel
 from torch import nn
 from transformers import Cache
 
@@ -49,8 +53,9 @@ def _same(registered: object, ours: object) -> bool:
     )
 
 
-def add_card_to_push_to_hub(card_writer: Callable[[PeftModel, str], bool]) -> None:
-    """Make ``PeftModel.push_to_hub`` call ``card_writer(model, folder)`` on the folder it uploads (idempotent).
+def add_card_to_push_to_hub(card_writer: Callable[[PeftModel, str, str | None], bool]) -> None:
+    """Make ``PeftModel.push_to_hub`` call ``card_writer(model, folder, repo_id)`` on the folder it uploads
+    (idempotent).
 
     transformers' ``push_to_hub`` (which PeftModel inherits) replaces the README.md that ``save_pretrained`` wrote with
     the repository's card or a generic one; its private ``_upload_modified_files`` is the one step that sees the
@@ -64,9 +69,9 @@ def add_card_to_push_to_hub(card_writer: Callable[[PeftModel, str], bool]) -> No
     def wrapper(self, *args, **kwargs):
         upload = self._upload_modified_files
 
-        def upload_with_card(working_dir, *upload_args, **upload_kwargs):
-            card_writer(self, working_dir)
-            return upload(working_dir, *upload_args, **upload_kwargs)
+        def upload_with_card(working_dir, repo_id, *upload_args, **upload_kwargs):
+            card_writer(self, working_dir, repo_id)
+            return upload(working_dir, repo_id, *upload_args, **upload_kwargs)
 
         self._upload_modified_files = upload_with_card  # for this call only
         try:
@@ -76,6 +81,160 @@ def add_card_to_push_to_hub(card_writer: Callable[[PeftModel, str], bool]) -> No
 
     wrapper._adds_steering_card = True
     PeftModel.push_to_hub = wrapper
+
+
+# transformers' own adapter loading: `PreTrainedModel.load_adapter`, which `AutoModelForCausalLM.from_pretrained(
+# adapter_folder)` and `pipeline(..., model=adapter_folder)` call too. It injects the adapter with PEFT's
+# `inject_adapter_in_model` and then loads the weights with transformers' own loader, by parameter name. That cannot
+# load a steering adapter, for two reasons:
+# 1. it reads `peft_config.peft_type.value`, and STEERING is a plain string (see _TABLES above): AttributeError;
+# 2. with a `.value` (e.g. a member forced into PeftType's enum internals), the load runs but steers nothing: the
+#    vectors live on the SteeringModel tuner, which `inject_adapter_in_model` drops, not in the transformers model's
+#    module tree, so the saved keys `base_model.steering_vectors.<block>` match no parameter of the model;
+#    transformers reports them as UNEXPECTED and the model runs with zero vectors.
+# So `load_adapter` hands steering adapters to PEFT's own `PeftModel.from_pretrained`, which steers that same model
+# object in place (every check and the saved multiplier included), and every other adapter type to transformers'
+# loader, untouched. No enum internals are needed: transformers never sees a steering config.
+_LOAD_ADAPTER_ARGS = (
+    "peft_model_id",
+    "adapter_name",
+    "peft_config",
+    "adapter_state_dict",
+    "low_cpu_mem_usage",
+    "is_trainable",
+    "hotswap",
+    "local_files_only",
+    "adapter_kwargs",
+    "load_config",
+)
+# The hub arguments that transformers' `DownloadKwargs` and PEFT's `from_pretrained` (hf_hub_download) share.
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+_UPGRADE = "peft-steer is tested with transformers 5.24; install a version it supports."
+
+
+def route_load_adapter(claims: Callable[[object], bool], loader: Callable[..., dict]) -> None:
+    """Make transformers' ``load_adapter`` call ``loader`` for configs that ``claims`` (idempotent).
+
+    ``loader(model, model_id, adapter_name, config, is_trainable=..., low_cpu_mem_usage=..., hub_kwargs=...)``
+    loads the adapter into ``model`` in place and returns the configs of the adapters it holds now. Raises if
+    transformers' ``load_adapter`` has changed underneath.
+    """
+    mixin = _adapter_mixin()
+    load_adapter = getattr(mixin, "load_adapter", None)
+    if getattr(load_adapter, "_routes_steering", False):
+        return
+    if load_adapter is None:
+        raise RuntimeError(
+            "peft-steer cannot route transformers' adapter loading: PeftAdapterMixin.load_adapter is missing in "
+            f"transformers {transformers.__version__}. {_UPGRADE}"
+        )
+    signature = inspect.signature(load_adapter)
+    missing = [name for name in _LOAD_ADAPTER_ARGS if name not in signature.parameters]
+    if missing:
+        raise RuntimeError(
+            f"peft-steer cannot route transformers' adapter loading: transformers {transformers.__version__} "
+            f"PeftAdapterMixin.load_adapter has no argument {', '.join(missing)}. {_UPGRADE}"
+        )
+    extra = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    empty_loading_info()  # fails here, at import, if transformers' loading report has changed
+
+    @functools.wraps(load_adapter)
+    def wrapper(self, *args, **kwargs):
+        call = signature.bind(self, *args, **kwargs)
+        call.apply_defaults()
+        given = call.arguments
+        settings = {**(vars(given["load_config"]) if given["load_config"] is not None else {}), **given.get(extra, {})}
+        model_id = given["peft_model_id"] or settings.get("pretrained_model_name_or_path")
+        hub_kwargs = _hub_kwargs(settings, given["local_files_only"], given["adapter_kwargs"])
+        config = given["peft_config"]
+        if config is None and model_id is not None:
+            try:
+                config = PeftConfig.from_pretrained(str(model_id), **hub_kwargs)
+            except Exception:  # transformers' loader raises its own error for it, as without peft-steer
+                config = None
+        if not claims(config):
+            return load_adapter(self, *args, **kwargs)
+        if given["adapter_state_dict"] is not None or model_id is None:
+            raise ValueError(
+                "A steering adapter is loaded from its folder or hub repository: load_adapter(path_or_repo_id); "
+                "adapter_state_dict is not supported for it."
+            )
+        if given["hotswap"] is True:
+            raise ValueError("Hotswapping is only supported for LoRA adapters, please set `hotswap=False`.")
+        configs = loader(
+            self,
+            str(model_id),
+            given["adapter_name"] or "default",
+            config,
+            is_trainable=given["is_trainable"],
+            low_cpu_mem_usage=given["low_cpu_mem_usage"],
+            hub_kwargs=hub_kwargs,
+        )
+        # What transformers' own load_adapter leaves behind: the flag its adapter methods (set_adapter,
+        # disable_adapters, save_pretrained...) check, and ``peft_config`` listing every adapter it loaded. That is a
+        # dict of its own, not the steering tuner's (which BaseTuner shares with the model): an adapter that
+        # transformers injects later (a LoRA) adds its config to the model's dict, where the tuner must not see it.
+        self.peft_config = {**(self.__dict__.get("peft_config") or {}), **configs}
+        self._hf_peft_config_loaded = True
+        return empty_loading_info()
+
+    wrapper._routes_steering = True
+    mixin.load_adapter = wrapper
+
+
+def routes_load_adapter() -> bool:
+    """Whether transformers' ``load_adapter`` hands steering adapters to peft-steer (see `route_load_adapter`)."""
+    return getattr(getattr(_adapter_mixin(), "load_adapter", None), "_routes_steering", False)
+
+
+def _adapter_mixin() -> type:
+    # The class that gives every transformers model its load_adapter; PreTrainedModel inherits it.
+    try:
+        from transformers.integrations.peft import PeftAdapterMixin
+    except ImportError as error:
+        raise RuntimeError(
+            f"peft-steer cannot find transformers.integrations.peft.PeftAdapterMixin in transformers "
+            f"{transformers.__version__}. {_UPGRADE}"
+        ) from error
+    return PeftAdapterMixin
+
+
+def _hub_kwargs(settings: dict, local_files_only: bool, adapter_kwargs: dict | None) -> dict:
+    # As transformers' load_adapter computes them: the load config's download arguments, then local_files_only, then
+    # adapter_kwargs, which win. Only the hub arguments go on to PEFT (its from_pretrained passes them to the hub).
+    download = dict(settings.get("download_kwargs") or {})
+    if local_files_only:
+        download["local_files_only"] = True
+    download.update(adapter_kwargs or {})
+    return {key: value for key, value in download.items() if key in _HUB_KWARGS and value not in (None, "")}
+
+
+def empty_loading_info() -> object:
+    """transformers' ``LoadStateDictInfo`` with nothing missing, unexpected or mismatched: what ``load_adapter``
+    returns (``from_pretrained(..., output_loading_info=True)`` reports it) once PEFT has loaded every vector."""
+    try:
+        from transformers.utils.loading_report import LoadStateDictInfo
+
+        values = {}
+        for field in dataclasses.fields(LoadStateDictInfo):
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                values[field.name] = _empty(field.type)
+        return LoadStateDictInfo(**values)
+    except (ImportError, KeyError, TypeError) as error:
+        raise RuntimeError(
+            "peft-steer cannot build the result of transformers' load_adapter: transformers.utils.loading_report."
+            f"LoadStateDictInfo has changed in transformers {transformers.__version__}. {_UPGRADE}"
+        ) from error
+
+
+def _empty(annotation: object) -> object:
+    # An empty value of a field typed ``set[...]``, ``list[...]`` or ``dict[...]`` (a string where the module uses
+    # ``from __future__ import annotations``); a KeyError for any other type.
+    if isinstance(annotation, str):
+        name = annotation
+    else:
+        name = getattr(typing.get_origin(annotation) or annotation, "__name__", "")
+    return {"set": set, "list": list, "dict": dict}[name.split("[")[0]]()
 
 
 @contextmanager
@@ -147,6 +306,8 @@ __all__ = [
     "VECTORS",
     "add_card_to_push_to_hub",
     "add_peft_type",
+    "route_load_adapter",
+    "routes_load_adapter",
     "block_of_saved_key",
     "data_parallel_replica",
     "drop_peft_config",

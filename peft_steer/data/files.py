@@ -1,14 +1,25 @@
-"""Reading preference rows from local files (.csv, .json, .jsonl), each row tagged with where it came from."""
+"""Reading preference rows, each tagged with where it came from: local .csv / .json / .jsonl files (read here, so that
+an error names the line), and what `datasets.load_dataset` reads (.parquet / .arrow files, folders of data files,
+folders written by `save_to_disk`, data sets on the Hugging Face Hub), whose errors name the row."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
-FILE_TYPES = (".csv", ".json", ".jsonl")
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+TEXT_FILE_TYPES = (".csv", ".json", ".jsonl")
+DATASET_FILE_TYPES = (".parquet", ".arrow")
+FILE_TYPES = TEXT_FILE_TYPES + DATASET_FILE_TYPES
+# The `datasets` builder of each data file type; a folder is read with one builder.
+_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+_FOLDER_TYPES = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 
 class DataError(ValueError):
@@ -23,15 +34,38 @@ class Row:
     where: str
 
 
+def read_source(source: str) -> list[Row]:
+    """The records of a local file or folder (`read_file`), or else of the Hub data set ``source`` (its train split)."""
+    if os.path.exists(source) or not is_hub_id(source):
+        return read_file(source)
+    try:
+        dataset = load_dataset(source, split="train")
+    except Exception as error:  # datasets raises many types here (offline, not found, no train split, ...)
+        raise DataError(
+            f"{source} is no local file or folder, and loading it from the Hub failed: {_one_line(error)}"
+        ) from None
+    return dataset_rows(dataset, source)
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether ``source``, which is not a local path, reads as a Hub data set id (``name`` or ``owner/name``) rather
+    than as a missing file (a data file suffix, an absolute or relative path)."""
+    extension = os.path.splitext(source)[1].lower()
+    return bool(_HUB_ID.fullmatch(source)) and extension not in FILE_TYPES and not source.startswith(".")
+
+
 def read_file(path: str) -> list[Row]:
-    """The records of a .csv / .json / .jsonl file; a `DataError` names the file and line of what is wrong."""
+    """The records of a local file or folder; a `DataError` names the file and line (.csv / .json / .jsonl) or row
+    (what `datasets` reads: .parquet / .arrow files, folders of data files, `save_to_disk` folders) of what is wrong."""
     if os.path.isdir(path):
-        raise DataError(f"{path} is a folder, not a file: give a {', '.join(FILE_TYPES)} file.")
+        return read_folder(path)
     extension = os.path.splitext(path)[1].lower()
     if extension not in FILE_TYPES:
         raise DataError(f"{path}: unsupported file type {extension or '(none)'!r}; use one of {', '.join(FILE_TYPES)}.")
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist (or is not a regular file).")
+    if extension in DATASET_FILE_TYPES:
+        return dataset_rows(_load(path, _BUILDERS[extension], [path], f"cannot be read as a {extension} file"), path)
     try:
         with open(path, encoding="utf-8-sig", newline="") as file:
             text = file.read()
@@ -64,6 +98,62 @@ def read_file(path: str) -> list[Row]:
             raise DataError(f"{path}, record {index} (0-based): expected a JSON object, got {type(record).__name__}.")
         rows.append(Row(record, f"{path}, record {index} (0-based)"))
     return rows
+
+
+def read_folder(path: str) -> list[Row]:
+    """The records of a folder: written by `save_to_disk` (its train split), or of data files of one type, read as
+    `datasets.load_dataset(path, split="train")` reads them (every file, or those its split names pick)."""
+    if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        saved = _load(path, None, [], "cannot be read as a folder written by save_to_disk")
+        if isinstance(saved, DatasetDict):
+            if "train" not in saved:
+                raise DataError(f"{path} holds the splits {list(saved)}, and no 'train' split to train on.")
+            saved = saved["train"]
+        return dataset_rows(saved, path)
+    found = sorted({os.path.splitext(name)[1].lower() for name in _files(path)} & set(_FOLDER_TYPES))
+    if not found:
+        raise DataError(
+            f"{path} is a folder with no data files ({', '.join(_FOLDER_TYPES)}): give a data file, or a folder of "
+            "them."
+        )
+    if len({_BUILDERS[extension] for extension in found}) > 1:
+        raise DataError(
+            f"{path} holds data files of more than one type ({', '.join(found)}): keep the files of one type in a "
+            "folder, or give a file."
+        )
+    return dataset_rows(_load(path, "folder", [], "cannot be read as a data set"), path)
+
+
+def dataset_rows(dataset: Dataset, label: str) -> list[Row]:
+    """The records of a `Dataset` read from ``label``, each named by its row."""
+    return [Row(dict(record), f"{label}, row {index} (0-based)") for index, record in enumerate(dataset)]
+
+
+def _load(path: str, builder: str | None, data_files: list[str], failure: str) -> Dataset | DatasetDict:
+    """``path`` read with `datasets`: a `save_to_disk` folder (``builder`` None), a folder (``"folder"``), or
+    ``data_files`` with ``builder``; any error of `datasets` or pyarrow is a `DataError` naming ``path``."""
+    try:
+        if builder is None:
+            return load_from_disk(path)
+        if builder == "folder":
+            return load_dataset(path, split="train")
+        return load_dataset(builder, data_files=data_files, split="train")
+    except Exception as error:  # datasets and pyarrow raise many types for a file they cannot read
+        raise DataError(f"{path} {failure}: {_one_line(error)}") from None
+
+
+def _files(folder: str) -> list[str]:
+    """The files under ``folder``, leaving out hidden files and folders (``.git``, ``.cache``) as `datasets` does."""
+    found = []
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith((".", "__"))]
+        found.extend(os.path.join(root, name) for name in names if not name.startswith((".", "__")))
+    return found
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def read_csv(text: str, path: str) -> list[Row]:

@@ -11,8 +11,10 @@ Accepted inputs, detected from the column names:
   messages).
 
 Sources: a behavior name (the copy shipped in ``peft_steer/data/behaviors``), a local ``.csv`` / ``.json`` / ``.jsonl``
-file, a `datasets.Dataset`, or a list of dicts. Bad data raises `DataError` naming the file, the row and the column;
-pairs whose chosen answer equals the rejected one are dropped with a warning that counts them.
+file, what `datasets.load_dataset` reads (a ``.parquet`` / ``.arrow`` file, a folder of data files of one type, a folder
+written by ``save_to_disk``, a Hub data set id: its train split), a `datasets.Dataset`, or a list of dicts. Bad data
+raises `DataError` naming the file, the row (the line of a text file) and the column; pairs whose chosen answer equals
+the rejected one are dropped with a warning that counts them.
 
 This module must not import TRL: data flows from ``peft_steer`` to ``trl_integration``, never back.
 """
@@ -26,7 +28,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from .files import DataError, Row, read_file
+from .files import DataError, Row, read_source
 from .formats import SYSTEM_PROMPT, PairFormatter
 from .shipped import BEHAVIORS, behavior_path
 
@@ -69,7 +71,8 @@ def load_preference_data(
 
     Args:
         source: A behavior name (``"power-seeking"``...), a path to a ``.csv`` / ``.json`` (array of objects) /
-            ``.jsonl`` file, a `datasets.Dataset`, or a list of dicts.
+            ``.jsonl`` / ``.parquet`` / ``.arrow`` file, a folder of data files of one type or one written by
+            ``save_to_disk``, a Hub data set id (its train split), a `datasets.Dataset`, or a list of dicts.
         tokenizer: Needed for BiPO rows (question / matching / not_matching): their prompt is rendered with its chat
             template. Not needed for data already in a TRL preference format.
         system_prompt: System message for the chat format; ``None`` for none. A template that refuses a system role
@@ -85,7 +88,7 @@ def load_preference_data(
         path = os.fspath(source)
         if path in BEHAVIORS:
             path = behavior_path(path)
-        rows, label = read_file(path), path
+        rows, label = read_source(path), path
     elif isinstance(source, Dataset):
         label = name or "dataset"
         rows = [Row(dict(record), f"{label}[{index}]") for index, record in enumerate(source)]
@@ -98,8 +101,8 @@ def load_preference_data(
             rows.append(Row(dict(record), f"{label}[{index}]"))
     else:
         raise DataError(
-            f"Cannot read preference data from a {type(source).__name__}: pass a behavior name, a .csv/.json/.jsonl "
-            "path, a datasets.Dataset or a list of dicts."
+            f"Cannot read preference data from a {type(source).__name__}: pass a behavior name, a file or folder path, "
+            "a Hub data set id, a datasets.Dataset or a list of dicts."
         )
     columns = list(rows[0].values) if rows else (list(source.column_names) if isinstance(source, Dataset) else [])
     return _to_preference(rows, columns, label, tokenizer, system_prompt, chat_template)

@@ -147,7 +147,9 @@ def write_adapter(
     **config_options,
 ) -> SteeringConfig:
     """Write a steering adapter folder for ``base_model`` holding ``vectors`` ({block: tensor}), as
-    ``save_pretrained`` would, and return its config. Loadable with ``PeftModel.from_pretrained``.
+    ``save_pretrained`` would (``adapter_config.json``, ``adapter_model.safetensors`` and the model card
+    ``README.md``, written by `SteeringConfig.save_pretrained`), and return its config. Loadable with
+    ``PeftModel.from_pretrained``.
 
     A negative block counts from the end (``-1``: the last block), as in ``SteeringConfig(layers=...)``; the folder
     holds the resolved block. Everything is checked first (blocks in range, hidden size, finite values), the folder

@@ -58,6 +58,11 @@ def main() -> None:
         compare(engine_name, getattr(torch, dtype), folder)
         dist.barrier()
     dist.destroy_process_group()
+    # Gloo's worker threads can abort the process while the interpreter shuts down (SIGABRT, "terminate called without
+    # an active exception"; see launch_worker.py), after everything is written: leave at once.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def compare(engine_name: str, dtype: torch.dtype, output_dir: str) -> None:

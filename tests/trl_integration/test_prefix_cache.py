@@ -91,9 +91,10 @@ def test_the_prefix_blocks_do_no_work_in_a_cached_step(tmp_path, tokenizer):
 
 
 def test_size_estimate_is_logged_first(tmp_path, tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="trl_integration.prefix_plan"):
+    with caplog.at_level(logging.INFO, logger="trl_integration.prefix_plan"):
         trainer_for(tmp_path, tokenizer, "auto")
-    assert any("Prefix cache: the output of blocks 0..1" in r.message and "MiB" in r.message for r in caplog.records)
+    notes = [r for r in caplog.records if "Prefix cache: the output of blocks 0..1" in r.message and "MiB" in r.message]
+    assert notes and all(r.levelno == logging.INFO for r in notes)  # a routine note, not a warning
 
 
 def test_an_eval_set_counts_in_the_size_and_the_storage(tmp_path, tokenizer, caplog, monkeypatch):
@@ -107,7 +108,7 @@ def test_an_eval_set_counts_in_the_size_and_the_storage(tmp_path, tokenizer, cap
 
     monkeypatch.setattr(prefix_plan, "choose_storage", choose_storage)
     evaluation = bipo_rows(QUESTIONS[8:12])
-    with caplog.at_level(logging.WARNING, logger="trl_integration.prefix_plan"):
+    with caplog.at_level(logging.INFO, logger="trl_integration.prefix_plan"):
         trainer = SteerTrainer(
             model=no_dropout("llama"),
             args=fast_args(tmp_path, prefix_cache="auto", max_steps=2, eval_strategy="steps", eval_steps=2),
@@ -129,7 +130,7 @@ def test_an_eval_set_counts_in_the_size_and_the_storage(tmp_path, tokenizer, cap
 
 
 def test_falls_back_with_a_reason(tmp_path, tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="trl_integration.prefix_plan"):
+    with caplog.at_level(logging.INFO, logger="trl_integration.prefix_plan"):
         gpt2 = SteerTrainer(
             model=make_model("gpt2"),  # GPT-2 has dropout: its prefix is random in training
             args=fast_args(tmp_path / "gpt2"),
@@ -138,7 +139,8 @@ def test_falls_back_with_a_reason(tmp_path, tokenizer, caplog):
             peft_config=SteeringConfig(layers=[1]),
         )
     assert gpt2._prefix_cache is None
-    assert any("Prefix cache off: dropout is active in blocks 0..1" in r.message for r in caplog.records)
+    off = [r for r in caplog.records if "Prefix cache off: dropout is active in blocks 0..1" in r.message]
+    assert off and all(r.levelno == logging.INFO for r in off)  # prefix_cache='auto': a note
 
     lora = get_peft_model(no_dropout("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
     steered = get_peft_model(lora, SteeringConfig(layers=[1]))
@@ -146,7 +148,7 @@ def test_falls_back_with_a_reason(tmp_path, tokenizer, caplog):
         if "lora_A" in name and ".layers.0." in name:
             parameter.requires_grad_(True)  # a LoRA in block 0 that would train alongside
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trl_integration.prefix_plan"):
+    with caplog.at_level(logging.INFO, logger="trl_integration.prefix_plan"):
         trainer = SteerTrainer(
             model=steered,
             args=fast_args(tmp_path / "lora"),

@@ -147,7 +147,7 @@ def test_under_a_sharding_engine_the_reference_runs_in_each_step(monkeypatch, tm
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setattr(sharding, "accelerate_starts_fsdp", lambda args: True)
-    with caplog.at_level(logging.WARNING, logger="trl_integration.trainer"):
+    with caplog.at_level(logging.INFO, logger="trl_integration"):
         trainer = SteerTrainer(
             model=make_model("llama"),
             args=fast_args(tmp_path, max_steps=2),

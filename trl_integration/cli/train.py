@@ -1,7 +1,10 @@
 """`peft-steer train`: train a BiPO steering vector from the command line, with the paper's settings as defaults.
 
-An option that sets a `SteerConfig` field (or the `SteeringConfig` field ``positions``) takes its type, default,
-choices and help from that field; the options listed in ``config_fields`` go to `SteerConfig` as they are.
+As in TRL's command lines (``trl dpo``), every `SteerConfig` field is an option under its own name
+(``--learning_rate`` or ``--learning-rate``), and so are the `SteeringConfig` fields in ``STEERING_FIELDS``, each
+with its type, default, choices and help from the field (`options.add_dataclass_options`); ``--config run.yaml``
+gives any option by its name, and the command line overrides the file (`options.ConfigFile`). The first flags of this
+command (``--epochs``, ``--batch-size``, ``--layer``, ...) stay beside the field names.
 """
 
 from __future__ import annotations
@@ -17,13 +20,35 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from peft_steer import SteeringConfig
 from peft_steer.data import BEHAVIORS, SYSTEM_PROMPT, DataError, load_preference_data
+from peft_steer.data.files import is_hub_id
 
 from ..callbacks import NonFiniteVectorError
 from ..config import DEFAULT_EPOCHS, PAPER_PRESETS, SteerConfig, paper_preset
 from ..trainer import SteerTrainer
 from .errors import CommandError
-from .options import add_field_option, field_default
+from .options import ConfigFile, add_dataclass_options, field_default
 from .train_checks import check_numbers, checked_output
+
+STEERING_FIELDS = ("layers", "positions", "init", "blocks_path")
+# The flags of the first version of this command, kept beside the field names they set.
+ALIASES = {
+    "num_train_epochs": ("--epochs",),
+    "per_device_train_batch_size": ("--batch-size",),
+    "activation_checkpointing": ("--gradient-checkpointing",),
+}
+# Where this command's default differs from the field's.
+OVERRIDES = {
+    "num_train_epochs": {
+        "default": None,
+        "help": f"Epochs (default: the paper's for the model, else {DEFAULT_EPOCHS})",
+    },
+    "output_dir": {"help": "Where checkpoints, per-epoch vectors and the final adapter go (default: bipo-SOURCE-LN)"},
+    # Pinning needs an accelerator (it warns without one).
+    "dataloader_pin_memory": {"default": torch.cuda.is_available()},
+}
+# Options of which one is given: one on the command line replaces the file's.
+EXCLUSIVE = (("behavior", "data"), ("layer", "layers"), ("system_prompt", "no_system_prompt"))
+EXCLUSIVE += (("load_in_4bit", "load_in_8bit"),)
 
 
 def add_train_command(commands: Any) -> None:
@@ -32,68 +57,64 @@ def add_train_command(commands: Any) -> None:
         "train",
         help="Train a BiPO steering vector (paper settings by default) and save it as an adapter folder.",
         description=_description(),
+        usage="peft-steer train [--config YAML] --model ID (--behavior B | --data PATH) [--layer N] [OPTIONS]",
     )
-    config_fields: list[str] = []
-
-    def config_option(flag: str, field_name: str, **overrides: Any) -> None:
-        add_field_option(parser, flag, SteerConfig, field_name, **overrides)
-        config_fields.append(field_name)
-
-    parser.add_argument("--model", required=True, help="Hub id or local folder of the base model.")
-    data = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument(
+        "--config",
+        metavar="YAML",
+        help="A YAML file of options by their names (learning_rate: 1.0e-4, layers: [14], model: ..., data: ...; "
+        "env: a mapping of environment variables); the options given on the command line override it.",
+    )
+    parser.add_argument(
+        "--model", "--model_name_or_path", dest="model", help="Hub id or local folder of the base model."
+    )
+    data = parser.add_mutually_exclusive_group()
     data.add_argument("--behavior", choices=BEHAVIORS, help="One of the paper's data sets (shipped with peft-steer).")
     data.add_argument(
         "--data",
-        metavar="FILE",
-        help="A .csv / .json / .jsonl file: question, matching, not_matching columns, or TRL's prompt / chosen / "
-        "rejected.",
+        "--dataset_name",
+        dest="data",
+        metavar="PATH",
+        help="A .csv / .json / .jsonl / .parquet / .arrow file, a folder of such files (one type) or one written by "
+        "save_to_disk, or a Hub data set id (its train split): question, matching, not_matching columns, or TRL's "
+        "prompt / chosen / rejected.",
     )
-    parser.add_argument("--layer", type=int, help="Decoder block to steer (default: the paper's for the model).")
-    parser.add_argument("--output-dir", help="Where checkpoints, per-epoch vectors and the final adapter go.")
-    parser.add_argument("--epochs", type=float, help=f"Epochs (default: the paper's, else {DEFAULT_EPOCHS}).")
-    config_option("--max-steps", "max_steps")
-    config_option("--learning-rate", "learning_rate")
-    config_option("--beta", "beta")
-    config_option("--batch-size", "per_device_train_batch_size")
-    config_option("--gradient-accumulation-steps", "gradient_accumulation_steps")
-    config_option("--warmup-steps", "warmup_steps")
-    config_option("--weight-decay", "weight_decay")
-    config_option("--direction-sampling", "direction_sampling")
-    add_field_option(parser, "--positions", SteeringConfig, "positions")
-    config_option("--max-length", "max_length")
+    steering = parser.add_argument_group("the steering adapter (SteeringConfig)")
+    layer = steering.add_mutually_exclusive_group()
+    layer.add_argument("--layer", type=int, help="Decoder block to steer (default: the paper's for the model).")
+    add_dataclass_options(
+        layer, SteeringConfig, only=("layers",), overrides={"layers": {"default": None, "metavar": "N"}}
+    )
+    add_dataclass_options(steering, SteeringConfig, only=[name for name in STEERING_FIELDS if name != "layers"])
     _add_format_and_model_options(parser)
-    config_option("--bf16", "bf16", action="store_true")  # unset: follows the accelerate launch config
-    config_option("--gradient-checkpointing", "activation_checkpointing", action="store_true", default=False)
-    config_option(
-        "--no-precompute-ref-log-probs",
-        "precompute_ref_log_probs",
-        action="store_false",
-        help="Run the reference forward at every step instead of once per example up front.",
-    )
-    config_option("--prefix-cache", "prefix_cache")
-    config_option("--offload-prefix-blocks", "offload_prefix_blocks")
-    config_option("--seed", "seed")
-    # Whole steps only here: the fields also take a fraction of all steps.
-    config_option("--save-steps", "save_steps", type=int, help="Steps between resumable checkpoints.")
-    config_option("--logging-steps", "logging_steps", type=int, help="Steps between log lines.")
     parser.add_argument(
         "--resume",
+        "--resume_from_checkpoint",
+        dest="resume_from_checkpoint",
         nargs="?",
         const=True,
         default=None,
         metavar="CHECKPOINT",
         help="Resume from CHECKPOINT, or from the last checkpoint in --output-dir when given alone.",
     )
-    add_field_option(parser, "--trust-remote-code", SteerConfig, "trust_remote_code", action="store_true")
-    parser.set_defaults(run=run_train, config_fields=tuple(config_fields))
+    training = parser.add_argument_group("training (SteerConfig: BiPO's options and every DPOConfig option)")
+    config_fields = add_dataclass_options(
+        training, SteerConfig, skip=("resume_from_checkpoint",), aliases=ALIASES, overrides=OVERRIDES
+    )
+    parser.set_defaults(run=run_train, config_fields=tuple(config_fields), config_file=ConfigFile(parser, EXCLUSIVE))
 
 
 def _add_format_and_model_options(parser: argparse.ArgumentParser) -> None:
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="System message of the chat format.")
-    prompt.add_argument("--no-system-prompt", action="store_true", help="No system message.")
+    prompt.add_argument(
+        "--system-prompt", "--system_prompt", default=SYSTEM_PROMPT, help="System message of the chat format."
+    )
+    prompt.add_argument("--no-system-prompt", "--no_system_prompt", action="store_true", help="No system message.")
     parser.add_argument(
-        "--no-chat-template", action="store_true", help="Plain 'Question: ...\\nAnswer:' format (base models)."
+        "--no-chat-template",
+        "--no_chat_template",
+        action="store_true",
+        help="Plain 'Question: ...\\nAnswer:' format (base models).",
     )
     parser.add_argument(
         "--dtype",
@@ -102,8 +123,12 @@ def _add_format_and_model_options(parser: argparse.ArgumentParser) -> None:
         help="Dtype to load the model in (paper: float32). The vector stays float32 in any case.",
     )
     quantize = parser.add_mutually_exclusive_group()
-    quantize.add_argument("--load-in-4bit", action="store_true", help="Load the model 4-bit (bitsandbytes).")
-    quantize.add_argument("--load-in-8bit", action="store_true", help="Load the model 8-bit (bitsandbytes).")
+    quantize.add_argument(
+        "--load-in-4bit", "--load_in_4bit", action="store_true", help="Load the model 4-bit (bitsandbytes)."
+    )
+    quantize.add_argument(
+        "--load-in-8bit", "--load_in_8bit", action="store_true", help="Load the model 8-bit (bitsandbytes)."
+    )
 
 
 def _description() -> str:
@@ -123,16 +148,19 @@ def _description() -> str:
 
 def run_train(args: argparse.Namespace) -> None:
     """Check everything, then train; nothing is written to the output folder before the checks pass."""
+    args.config_file.apply(args, args.config)
+    if args.model is None:
+        raise CommandError("--model is required (on the command line, or model: in the --config file).")
+    if args.behavior is None and args.data is None:
+        raise CommandError("--behavior or --data is required (on the command line, or in the --config file).")
     check_numbers(args)
-    if args.data is not None and os.path.isdir(args.data):
-        raise CommandError(f"--data {args.data} is a folder, not a file: give a .csv, .json or .jsonl file.")
-    if args.data is not None and not os.path.isfile(args.data):
+    if args.data is not None and not os.path.exists(args.data) and not is_hub_id(args.data):
         raise CommandError(f"--data {args.data}: no such file.")
-    layer, epochs = _layer_and_epochs(args)
-    source = args.behavior or os.path.splitext(os.path.basename(args.data))[0]
-    output_dir = args.output_dir or f"bipo-{source}-L{layer}"
-    _check_layer(args, layer)
-    resume = checked_output(output_dir, args.resume)
+    layers, epochs = _layers_and_epochs(args)
+    source = args.behavior or os.path.splitext(os.path.basename(args.data.rstrip("/\\")))[0]
+    output_dir = args.output_dir or f"bipo-{source}-L{'-'.join(str(layer) for layer in layers)}"
+    _check_layers(args, layers)
+    resume = checked_output(output_dir, args.resume_from_checkpoint or None)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
@@ -144,16 +172,12 @@ def run_train(args: argparse.Namespace) -> None:
             system_prompt=None if args.no_system_prompt else args.system_prompt,
             chat_template=False if args.no_chat_template else None,
         )
-        config = SteerConfig(
-            output_dir=output_dir,
-            num_train_epochs=epochs,
-            **{name: getattr(args, name) for name in args.config_fields},
-            save_strategy="steps",
-            report_to="none",
-            dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (it warns without)
-        )
+        fields = {name: getattr(args, name) for name in args.config_fields}
+        fields.update(output_dir=output_dir, num_train_epochs=epochs, resume_from_checkpoint=resume)
+        config = SteerConfig(**fields)
     except DataError as error:
         raise CommandError(str(error)) from None
+    steering = {name: getattr(args, name) for name in STEERING_FIELDS if name != "layers"}
 
     model = AutoModelForCausalLM.from_pretrained(args.model, **_load_kwargs(args))
     with _no_empty_folder_left(output_dir):
@@ -162,17 +186,32 @@ def run_train(args: argparse.Namespace) -> None:
             args=config,
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=SteeringConfig(layers=[layer], positions=args.positions),
+            peft_config=SteeringConfig(layers=layers, **steering),
         )
         try:
             trainer.train(resume_from_checkpoint=resume)
         except NonFiniteVectorError as error:
             raise CommandError(str(error)) from None
-        trainer.save_model(output_dir)
+        _save_final(trainer, output_dir)
+    blocks = f"block {layers[0]}" if len(layers) == 1 else f"blocks {', '.join(map(str, layers))}"
+    print(f"Saved the steering adapter ({blocks}) to {os.path.abspath(output_dir)}")
+    print(f"One vector per epoch: {os.path.join(os.path.abspath(output_dir), 'vectors')}")
+    if config.push_to_hub:
+        trainer.push_to_hub(commit_message="End of training")
+        print(f"Pushed the adapter to https://huggingface.co/{trainer.hub_model_id}")
     # Destroys the process group of a multi-process launch; without it Gloo can abort the process at exit.
     trainer.accelerator.end_training()
-    print(f"Saved the steering adapter (block {layer}) to {os.path.abspath(output_dir)}")
-    print(f"One vector per epoch: {os.path.join(os.path.abspath(output_dir), 'vectors')}")
+
+
+def _save_final(trainer: SteerTrainer, output_dir: str) -> None:
+    """The final adapter, written whole (`SteerTrainer.save_model`) before any push: Trainer's `save_model` pushes from
+    inside the save, before the staged adapter is in place, and a failed upload would discard it."""
+    push = trainer.args.push_to_hub
+    trainer.args.push_to_hub = False
+    try:
+        trainer.save_model(output_dir)
+    finally:
+        trainer.args.push_to_hub = push
 
 
 @contextmanager
@@ -187,22 +226,26 @@ def _no_empty_folder_left(output_dir: str) -> Iterator[None]:
         raise
 
 
-def _layer_and_epochs(args: argparse.Namespace) -> tuple[int, float]:
-    """The block and epochs given, or the paper's for the model."""
+def _layers_and_epochs(args: argparse.Namespace) -> tuple[list[int], float]:
+    """The blocks and epochs given, or the paper's for the model."""
     preset = paper_preset(args.model) or {}
-    layer = args.layer if args.layer is not None else preset.get("layer")
-    if layer is None:
+    layers = args.layers or ([args.layer] if args.layer is not None else None)
+    if layers is None and "layer" in preset:
+        layers = [preset["layer"]]
+    if layers is None:
         known = " and ".join(f"{name} ({p['layer']})" for name, p in PAPER_PRESETS.items())
         raise CommandError(f"--layer is required for {args.model}: the paper's blocks are known only for {known}.")
-    epochs = args.epochs if args.epochs is not None else preset.get("epochs", DEFAULT_EPOCHS)
-    return layer, epochs
+    epochs = args.num_train_epochs if args.num_train_epochs is not None else preset.get("epochs", DEFAULT_EPOCHS)
+    return layers, epochs
 
 
-def _check_layer(args: argparse.Namespace, layer: int) -> None:
+def _check_layers(args: argparse.Namespace, layers: list[int]) -> None:
     model_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     blocks = getattr(model_config.get_text_config(), "num_hidden_layers", None)
-    if blocks is not None and not -blocks <= layer < blocks:
-        raise CommandError(f"--layer {layer}: {args.model} has {blocks} decoder blocks (0..{blocks - 1}).")
+    flag = "--layers" if args.layers else "--layer"
+    for layer in layers:
+        if blocks is not None and not -blocks <= layer < blocks:
+            raise CommandError(f"{flag} {layer}: {args.model} has {blocks} decoder blocks (0..{blocks - 1}).")
 
 
 def _load_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,16 +11,16 @@ from .._trl_compat import checkpoints, is_complete_checkpoint
 from ..outputs import incomplete, last_complete_checkpoint, resuming_from
 from .errors import CommandError
 
-# flag -> the attribute it sets; a value must be finite and above 0 / finite and 0 or more / a whole number from 1.
-_POSITIVE = {"--learning-rate": "learning_rate", "--beta": "beta", "--epochs": "epochs"}
+# flag -> the attribute it sets; a value must be finite and above 0 / finite and 0 or more / a whole number from 1 /
+# a whole number of steps from 1 or a fraction of all steps (TrainingArguments reads a value below 1 so).
+_POSITIVE = {"--learning-rate": "learning_rate", "--beta": "beta", "--epochs": "num_train_epochs"}
 _NOT_NEGATIVE = {"--warmup-steps": "warmup_steps", "--weight-decay": "weight_decay"}
 _COUNTS = {
     "--batch-size": "per_device_train_batch_size",
     "--gradient-accumulation-steps": "gradient_accumulation_steps",
     "--max-length": "max_length",
-    "--save-steps": "save_steps",
-    "--logging-steps": "logging_steps",
 }
+_STEPS = {"--save-steps": "save_steps", "--logging-steps": "logging_steps"}
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -38,6 +38,12 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CommandError(f"{flag} {value}: must be a whole number, 1 or more.")
+    for flag, name in _STEPS.items():
+        value = getattr(args, name)
+        if value is not None and not (0 < value < 1 or (value >= 1 and float(value).is_integer())):
+            raise CommandError(
+                f"{flag} {value:g}: must be a whole number, 1 or more (or a fraction of all steps, below 1)."
+            )
     if args.max_steps != -1 and args.max_steps < 1:
         raise CommandError(
             f"--max-steps {args.max_steps}: must be a whole number, 1 or more (or -1: train for --epochs)."

@@ -280,8 +280,8 @@ ERRORS = {
         lambda tmp: _write(tmp / "open3.csv", 'question,matching,"not_matching\nq,a,b\n'),
         r"open3\.csv, line 1: a quoted cell opens here and is never closed",
     ),
-    "folder": (lambda tmp: _mkdir(tmp / "pairs.csv"), r"pairs\.csv is a folder, not a file"),
-    "folder without a suffix": (lambda tmp: _mkdir(tmp / "pairs"), r"pairs is a folder, not a file"),
+    "folder": (lambda tmp: _mkdir(tmp / "pairs.csv"), r"pairs\.csv is a folder with no data files"),
+    "folder without a suffix": (lambda tmp: _mkdir(tmp / "pairs"), r"pairs is a folder with no data files"),
     "empty answer": (
         lambda tmp: _write(tmp / "blank.csv", 'question,matching,not_matching\nq,a,b\n"q\nq","  ",b\n'),
         r"blank\.csv, line 3, column 'matching': the cell is empty",

@@ -78,8 +78,10 @@ BAD = {
     "layer out of range": (["--data", "{csv}", "--layer", "7"], "--layer 7: "),
     "no layer for an unknown model": (["--data", "{csv}"], "--layer is required"),
     "resume without checkpoints": (["--data", "{csv}", "--layer", "1", "--resume"], "holds no checkpoint-*"),
-    "wrong file type": (["--data", "{tmp}/pairs.parquet", "--layer", "1"], "unsupported file type '.parquet'"),
-    "a folder as data": (["--data", "{tmp}", "--layer", "1"], "--data {tmp} is a folder, not a file"),
+    "wrong file type": (["--data", "{tmp}/pairs.xlsx", "--layer", "1"], "unsupported file type '.xlsx'"),
+    "not a parquet file": (["--data", "{tmp}/pairs.parquet", "--layer", "1"], "pairs.parquet cannot be read as a"),
+    "a folder without data files": (["--data", "{tmp}/empty", "--layer", "1"], "with no data files"),
+    "a folder of mixed data files": (["--data", "{tmp}", "--layer", "1"], "{tmp} holds data files of more than one"),
 }
 
 
@@ -94,6 +96,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, model_dir, capsys, case)
         "empty_cell_csv": _csv(tmp_path / "cells.csv", [rows[0], dict(rows[1], matching="")]),
     }
     (tmp_path / "pairs.parquet").write_text("not really")
+    (tmp_path / "pairs.xlsx").write_text("not really")
+    (tmp_path / "empty").mkdir()
     arguments = [argument.format(**paths) for argument in arguments]
     output = tmp_path / "run"
     code = main(["train", "--model", model_dir, *arguments, "--output-dir", str(output), *FAST])
