@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from datasets import Dataset
 from datasets.utils.logging import disable_progress_bar
 
-from tests.conftest import make_model
+from tests.conftest import make_model, make_tokenizer
 from trl_integration import SteerConfig
 
 disable_progress_bar()
@@ -140,3 +141,28 @@ def collated(trainer, indices) -> dict[str, torch.Tensor]:
     """A batch of the trainer's own (tokenized) training rows, collated the way training collates them."""
     rows = [trainer.train_dataset[i] for i in indices]
     return trainer.data_collator(rows)
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> str:
+    """A tiny Llama and its tokenizer saved to a folder, as a model name for the command line."""
+    folder = tmp_path / "tiny-llama"
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def fail_weight_writes(monkeypatch, when) -> None:
+    """PEFT's weights write fails half-way, as on a full disk, for the files whose path ``when`` accepts."""
+    import peft.peft_model
+
+    write = peft.peft_model.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        if not when(str(filename)):
+            return write(tensors, filename, *args, **kwargs)
+        with open(filename, "wb") as file:
+            file.write(b"\x00" * 16)
+        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)

@@ -7,7 +7,6 @@ import errno
 import logging
 import os
 
-import peft.peft_model
 import pytest
 import torch
 from peft import PeftModel
@@ -15,6 +14,7 @@ from peft import PeftModel
 import peft_steer
 from peft_steer import SteeringConfig
 from tests.conftest import make_model
+from tests.trl_integration.conftest import fail_weight_writes
 from trl_integration import SteerTrainer
 from trl_integration.outputs import staged_folder
 
@@ -41,20 +41,6 @@ def _loads(folder) -> bool:
     return True
 
 
-def _full_disk(monkeypatch, when) -> None:
-    """PEFT's weights write fails half-way, as on a full disk, for the files ``when`` accepts."""
-    write = peft.peft_model.safe_save_file
-
-    def full_disk(tensors, filename, *args, **kwargs):
-        if not when(str(filename)):
-            return write(tensors, filename, *args, **kwargs)
-        with open(filename, "wb") as file:
-            file.write(b"\x00" * 16)
-        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
-
-    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
-
-
 def _leftovers(folder) -> list[str]:
     return [name for name in os.listdir(folder) if "partial" in name]
 
@@ -63,7 +49,7 @@ def test_a_full_disk_while_writing_the_weights_leaves_no_final_adapter(tmp_path,
     trainer = _trainer(tmp_path, tokenizer, pairs, max_steps=1)
     trainer.train()
     output = trainer.args.output_dir
-    _full_disk(monkeypatch, when=lambda path: True)
+    fail_weight_writes(monkeypatch, when=lambda path: True)
     with pytest.raises(OSError, match="No space left on device"):
         trainer.save_model(output)
     assert not os.path.exists(os.path.join(output, "adapter_model.safetensors"))
@@ -92,7 +78,7 @@ def test_a_full_disk_after_the_weights_leaves_no_adapter_that_loads(tmp_path, to
 
 def test_a_full_disk_at_an_epoch_vector_leaves_no_folder_for_that_epoch(tmp_path, tokenizer, pairs, monkeypatch):
     trainer = _trainer(tmp_path, tokenizer, pairs, num_train_epochs=2, save_vectors_per_epoch=True)
-    _full_disk(monkeypatch, when=lambda path: "epoch-2" in path)
+    fail_weight_writes(monkeypatch, when=lambda path: "epoch-2" in path)
     with pytest.raises(OSError, match="No space left on device"):
         trainer.train()
     vectors = os.path.join(trainer.args.output_dir, "vectors")

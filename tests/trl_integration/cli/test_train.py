@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import errno
 import os
 
 import pytest
@@ -11,22 +10,14 @@ import torch
 from peft import PeftModel
 
 import peft_steer
-from tests.conftest import make_model, make_tokenizer
-from tests.trl_integration.conftest import QUESTIONS, bipo_rows
+from tests.conftest import make_model
+from tests.trl_integration.conftest import QUESTIONS, bipo_rows, fail_weight_writes
 from trl_integration import SteerTrainer
 from trl_integration.cli import main
 from trl_integration.config import paper_preset
 
 FAST = ["--max-steps", "2", "--batch-size", "2", "--warmup-steps", "0", "--learning-rate", "0.05"]
 FAST += ["--max-length", "256", "--logging-steps", "1", "--seed", "0"]
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    folder = tmp_path / "tiny-llama"
-    make_model("llama").save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 def _csv(path, rows) -> str:
@@ -219,28 +210,12 @@ def test_resume_skips_a_checkpoint_cut_off_while_being_written(tmp_path, model_d
     assert "no complete checkpoint" in _one_error_line(capsys)
 
 
-def _fail_writing_weights(monkeypatch, when) -> None:
-    """PEFT's weights write fails half-way, as on a full disk, for the paths ``when`` accepts."""
-    import peft.peft_model
-
-    write = peft.peft_model.safe_save_file
-
-    def full_disk(tensors, filename, *args, **kwargs):
-        if not when(str(filename)):
-            return write(tensors, filename, *args, **kwargs)
-        with open(filename, "wb") as file:
-            file.write(b"\x00" * 16)
-        raise OSError(errno.ENOSPC, "No space left on device", str(filename))
-
-    monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
-
-
 def test_a_full_disk_at_the_final_save_keeps_the_earlier_adapter(tmp_path, model_dir, monkeypatch, capsys):
     output = tmp_path / "run"
     base = [*_base(model_dir, tmp_path, output), "--save-steps", "2"]
     assert main(base) == 0
     before = _final_vector(output)
-    _fail_writing_weights(monkeypatch, when=lambda path: "checkpoint-" not in path and "vectors" not in path)
+    fail_weight_writes(monkeypatch, when=lambda path: "checkpoint-" not in path and "vectors" not in path)
     capsys.readouterr()
     assert main([*base, "--max-steps", "4", "--resume"]) == 2
     assert "No space left on device" in _one_error_line(capsys, alone=False)

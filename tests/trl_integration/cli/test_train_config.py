@@ -19,7 +19,7 @@ from huggingface_hub import HfApi, RepoUrl
 from peft import PeftModel
 
 import trl_integration.cli.train as train_module
-from tests.conftest import make_model, make_tokenizer
+from tests.conftest import make_model
 from tests.trl_integration.conftest import QUESTIONS, bipo_rows
 from trl_integration import SteerConfig
 from trl_integration.cli import build_parser, main
@@ -32,14 +32,6 @@ FAST += ["--max-length", "256", "--logging-steps", "1", "--seed", "0"]
 def datasets_cache(tmp_path, monkeypatch):
     """`datasets` writes what it reads into its cache: a temporary one here."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    folder = tmp_path / "tiny-llama"
-    make_model("llama").save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture
