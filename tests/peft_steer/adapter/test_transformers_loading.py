@@ -82,6 +82,15 @@ def test_load_adapter_steers_the_base_model_and_transformers_can_switch_it_off(t
     torch.testing.assert_close(logits(model, input_ids), steered)
 
 
+def peft_generation(base_dir, adapter_dir, tokenizer) -> str:
+    """The 6 greedy tokens after PROMPT that ``PeftModel.from_pretrained`` generates, as text."""
+    peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    prompt = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        tokens = peft_model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    return tokenizer.decode(tokens[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pipeline_of_an_adapter_folder_generates_with_the_steered_model(tmp_path, tokenizer, input_ids, arch):
     base_dir, adapter_dir = save_base_and_adapter(tmp_path, tokenizer, arch)
@@ -90,11 +99,7 @@ def test_pipeline_of_an_adapter_folder_generates_with_the_steered_model(tmp_path
     torch.testing.assert_close(logits(pipe.model, input_ids), steered)
     text = pipe(PROMPT, max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
 
-    peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
-    prompt = tokenizer(PROMPT, return_tensors="pt")
-    with torch.no_grad():
-        tokens = peft_model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert text == tokenizer.decode(tokens[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert text == peft_generation(base_dir, adapter_dir, tokenizer)
 
 
 def test_completion_steering_through_the_pipeline_finds_the_prompt_end(tmp_path, tokenizer):
@@ -102,11 +107,7 @@ def test_completion_steering_through_the_pipeline_finds_the_prompt_end(tmp_path,
     pipe = transformers.pipeline("text-generation", model=str(adapter_dir))
     text = pipe(PROMPT, max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"]
 
-    peft_model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
-    prompt = tokenizer(PROMPT, return_tensors="pt")
-    with torch.no_grad():
-        tokens = peft_model.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert text == tokenizer.decode(tokens[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert text == peft_generation(base_dir, adapter_dir, tokenizer)
 
 
 def test_a_second_steering_adapter_through_load_adapter_is_refused_with_the_way_that_works(tmp_path, tokenizer):
