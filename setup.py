@@ -16,7 +16,8 @@ setup(
             "data/behaviors/LICENSE",
             "data/behaviors/README.md",
             "organism/model/*",
-        ]
+        ],
+        "trl_integration": ["demo_vectors/*.yaml", "demo_vectors/*/*"],
     },
     # Lower bounds are the versions this was tested with. transformers: tested on 5.23 and 5.24 (5.0 fails 16
     # tests); tests/peft_steer/adapter/test_generation.py checks what `generate` feeds the model, so a release that
@@ -39,6 +40,11 @@ setup(
         "bitsandbytes": ["bitsandbytes>=0.45"],
         "gguf": ["gguf>=0.10"],
         "deepspeed": ["deepspeed>=0.19"],
+        # llama.cpp itself, to run exported control vectors in it (a source build: 10-25 minutes on 2 cores).
+        "llama-cpp": ["llama-cpp-python>=0.3.36"],
+        # repeng's own dependencies but numpy<2, which it declares and does not need: install repeng itself with
+        # `pip install --no-deps repeng==0.4.0` (docs/interop.md).
+        "repeng": ["scikit-learn>=1.4", "tqdm>=4.66"],
     },
     entry_points={"console_scripts": ["peft-steer=trl_integration.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],

@@ -7,10 +7,11 @@
     accelerate launch --config_file examples/accelerate/zero3.yaml examples/train_bipo.py --model ... --batch-size 2
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_bipo.py --cpu --model ...  # CPUs
 
-Defaults are the paper's: block 15 and 20 epochs for Llama-2-7b-chat, block 13 and 5 epochs for
-Mistral-7B-Instruct-v0.2, beta 0.1, AdamW lr 5e-4, weight decay 0.05, cosine schedule with 100 warm-up steps,
-batch 4, fp32. After training, the answer preference on the behavior's test split (mean of
-sigmoid(log p(matching) - log p(not_matching))) is printed at multipliers -1, 0 and +1.
+Defaults are the paper's: block 15 for Llama-2-7b-chat and 13 for Mistral-7B-Instruct-v0.2, a cosine schedule
+over 100 epochs with 100 warm-up steps stopped at epoch 20 (Llama-2; 10 for jailbreak) or 5 (Mistral), as the
+official runs take their vectors, beta 0.1, AdamW lr 5e-4, weight decay 0.05, batch 4, fp32. After training, the
+answer preference on the behavior's test split (mean of sigmoid(log p(matching) - log p(not_matching))) is printed
+at multipliers -1, 0 and +1.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    preset = paper_preset(args.model) or {}
+    preset = paper_preset(args.model, args.behavior) or {}
     layer = args.layer if args.layer is not None else preset.get("layer")
     if layer is None:
         raise SystemExit(
@@ -67,6 +68,8 @@ def main() -> None:
     config = SteerConfig(
         output_dir=output_dir,
         num_train_epochs=epochs,
+        # the paper's schedule length, when the run stops inside it (as the official runs take their vectors)
+        schedule_epochs=preset["schedule_epochs"] if preset.get("schedule_epochs", 0) >= epochs else None,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         report_to="none",

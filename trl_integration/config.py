@@ -13,10 +13,14 @@ from .prefix_offload import DESTINATIONS
 
 DIRECTION_SAMPLING = ("random", "antithetic", "positive")
 
-# The paper's runs (Cao et al. 2024, and the official code): block and epochs per model, matched on the model name.
+# The paper's runs (Cao et al. 2024, and the official code), matched on the model name: the steered block, the epoch
+# whose vector was taken ("epochs", where training stops) and the length of the cosine schedule ("schedule_epochs":
+# the official code runs a 100-epoch schedule and keeps one vector per epoch; its shipped vectors are those of epoch
+# 20 on Llama-2-7b-chat, 10 for jailbreak, and 5 on Mistral-7B-Instruct-v0.2, where the learning rate is still 91-99%
+# of its peak). "behavior_epochs" overrides "epochs" per behavior.
 PAPER_PRESETS = {
-    "Llama-2-7b-chat": {"layer": 15, "epochs": 20},
-    "Mistral-7B-Instruct-v0.2": {"layer": 13, "epochs": 5},
+    "Llama-2-7b-chat": {"layer": 15, "epochs": 20, "schedule_epochs": 100, "behavior_epochs": {"jailbreak": 10}},
+    "Mistral-7B-Instruct-v0.2": {"layer": 13, "epochs": 5, "schedule_epochs": 100},
 }
 DEFAULT_EPOCHS = 3  # for a model the paper did not use
 
@@ -32,12 +36,16 @@ _BIPO_ONLY = {
 }
 
 
-def paper_preset(model: str) -> dict[str, int] | None:
-    """The paper's block and epochs for ``model`` (a hub id or a local folder named after it), or ``None``."""
+def paper_preset(model: str, behavior: str | None = None) -> dict[str, int] | None:
+    """The paper's run for ``model`` (a hub id or a local folder named after it) and ``behavior``, or ``None``:
+    ``{"layer": block, "epochs": the epoch of the paper's vector, "schedule_epochs": the cosine schedule's length}``.
+    """
     name = model.rstrip("/").lower()
     for key, preset in PAPER_PRESETS.items():
         if key.lower() in name:
-            return dict(preset)
+            found = {field: value for field, value in preset.items() if field != "behavior_epochs"}
+            found["epochs"] = preset.get("behavior_epochs", {}).get(behavior, preset["epochs"])
+            return found
     return None
 
 
@@ -46,10 +54,11 @@ class SteerConfig(DPOConfig):
     r"""Configuration of [`SteerTrainer`]: BiPO training of a steering vector.
 
     A `DPOConfig` (every `TrainingArguments` / `DPOConfig` option works as usual) whose defaults are the settings of the
-    BiPO paper and its official code: beta 0.1, AdamW with learning rate 5e-4 and weight decay 0.05, a cosine schedule
-    with 100 warm-up steps, 4 pairs per batch, fp32 arithmetic, no activation (gradient) checkpointing. The number of
-    epochs is left to the caller (the paper: 20 for Llama-2-7b-chat, 5 for Mistral-7B-Instruct-v0.2; see
-    `docs/training.md`).
+    BiPO paper: beta 0.1, AdamW with learning rate 5e-4 and weight decay 0.05 (the official code leaves it at 0), a
+    cosine schedule with 100 warm-up steps, 4 pairs per batch, fp32 arithmetic, no activation (gradient)
+    checkpointing. The number of epochs is left to the caller; the paper's runs stop a 100-epoch schedule early
+    (`schedule_epochs=100`, `num_train_epochs` 20 for Llama-2-7b-chat, 10 for its jailbreak vector, 5 for
+    Mistral-7B-Instruct-v0.2; see `PAPER_PRESETS` and `docs/training.md`).
 
     The options of `DPOConfig` that would change the objective (`loss_type` other than `"sigmoid"`, `loss_weights`,
     `f_divergence_type`, `ld_alpha`, `use_weighting`, `label_smoothing`, `sync_ref_model`) are refused with an error.
@@ -61,6 +70,10 @@ class SteerConfig(DPOConfig):
             data-parallel rank and a resumed run use the same one. `"antithetic"`: both directions on every batch, their
             losses averaged (twice the policy compute per step, no sampling noise). `"positive"`: `d = +1` only
             (a one-directional DPO on the vector).
+        schedule_epochs (`float`, *optional*):
+            Length of the learning-rate schedule in epochs; training stops at `num_train_epochs` (or `max_steps`).
+            The official BiPO runs use a 100-epoch cosine schedule and keep the vector of an early epoch. `None`: the
+            schedule ends with the training.
         save_vectors_per_epoch (`bool`, *optional*, defaults to `True`):
             Save the steering adapter at the end of every epoch to `output_dir/vectors/epoch-<n>` (as the paper's runs
             keep one vector per epoch). Each folder loads with `PeftModel.from_pretrained(base, folder)`.
@@ -75,6 +88,14 @@ class SteerConfig(DPOConfig):
     )
     per_device_train_batch_size: int = field(
         default=4, metadata={"help": "Preference pairs per device and micro-batch (BiPO: 4)."}
+    )
+    schedule_epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Length of the learning-rate schedule in epochs; training stops at num_train_epochs (or "
+            "max_steps). The official BiPO runs: a 100-epoch cosine schedule, stopped at epoch 20 (Llama-2-7b-chat), "
+            "10 (jailbreak) or 5 (Mistral-7B-Instruct-v0.2). Unset: the schedule ends with the training."
+        },
     )
     beta: float = field(default=0.1, metadata={"help": "Scale of the reward margin inside the sigmoid (BiPO: 0.1)."})
     bf16: bool | None = field(
@@ -167,6 +188,21 @@ class SteerConfig(DPOConfig):
             self.bf16 = not self.fp16 and os.environ.get("ACCELERATE_MIXED_PRECISION") == "bf16"
         super().__post_init__()
 
+    def schedule_steps(self, steps_per_epoch: int, training_steps: int) -> int:
+        """Length of the learning-rate schedule in optimizer steps: ``schedule_epochs`` epochs of ``steps_per_epoch``
+        steps, or ``training_steps`` (the training's length) when it is unset. Refuses a schedule shorter than the
+        training: a cosine schedule run past its end climbs back up."""
+        if self.schedule_epochs is None:
+            return training_steps
+        steps = math.ceil(self.schedule_epochs * steps_per_epoch)
+        if steps < training_steps:
+            raise ValueError(
+                f"SteerConfig(schedule_epochs={self.schedule_epochs:g}) is {steps} steps of {steps_per_epoch} per "
+                f"epoch, fewer than the {training_steps} training steps: the schedule must last at least as long as "
+                "the training."
+            )
+        return steps
+
 
 def _check_numbers(config: SteerConfig) -> None:
     """Refuse the numbers a run cannot train with: they would end in a NaN vector, saved as if trained, or in an
@@ -177,6 +213,15 @@ def _check_numbers(config: SteerConfig) -> None:
             raise ValueError(f"SteerConfig({name}={value}) must be a finite number.")
     if config.beta <= 0:
         raise ValueError(f"SteerConfig(beta={config.beta}) must be positive.")
+    horizon = config.schedule_epochs
+    if horizon is not None and not (math.isfinite(horizon) and horizon > 0):
+        raise ValueError(f"SteerConfig(schedule_epochs={horizon}) must be a positive number of epochs, or None.")
+    if horizon is not None and config.max_steps <= 0 and horizon < config.num_train_epochs:
+        # A cosine schedule run past its end climbs back up: the schedule must last at least as long as the training.
+        raise ValueError(
+            f"SteerConfig(schedule_epochs={horizon:g}) is shorter than num_train_epochs={config.num_train_epochs:g}: "
+            "the schedule must last at least as long as the training (None: it ends with the training)."
+        )
     if config.per_device_train_batch_size < 1:
         raise ValueError(
             f"SteerConfig(per_device_train_batch_size={config.per_device_train_batch_size}) must be at least 1."

@@ -59,7 +59,8 @@ def check_arguments(model: Any, compute_metrics: Any, peft_config: Any, train_da
 def check_streamed(args: SteerConfig, train_dataset: Any, eval_dataset: Any) -> bool:
     """Whether a data set is streamed (a `datasets.IterableDataset`), refusing the settings that need every pair up
     front: the reference log-probs computed before training, a prefix cache asked for (its size is unknown, and it
-    would keep every sequence read), and no ``max_steps`` (a stream has no length to count epochs with)."""
+    would keep every sequence read), no ``max_steps`` and a ``schedule_epochs`` (a stream has no length to count
+    epochs with)."""
     named = {"train_dataset": train_dataset}
     if isinstance(eval_dataset, dict):
         named.update({f"eval_dataset[{key!r}]": dataset for key, dataset in eval_dataset.items()})
@@ -75,6 +76,11 @@ def check_streamed(args: SteerConfig, train_dataset: Any, eval_dataset: Any) -> 
     if "train_dataset" in streamed and args.max_steps <= 0:
         raise ValueError(
             "SteerTrainer: train_dataset is streamed (an IterableDataset), so its length is unknown: set max_steps."
+        )
+    if "train_dataset" in streamed and args.schedule_epochs is not None:
+        raise ValueError(
+            "SteerTrainer: train_dataset is streamed (an IterableDataset), so an epoch has no length: set "
+            "schedule_epochs=None (the schedule then lasts max_steps)."
         )
     return bool(streamed)
 

@@ -37,6 +37,7 @@ from ._trl_compat import (
     no_ref_adapter,
     prepare_inputs,
     record_metrics,
+    update_steps_per_epoch,
 )
 from .callbacks import SteerCallback
 from .config import SteerConfig
@@ -244,6 +245,12 @@ class SteerTrainer(DPOTrainer):
             return (1.0,)
         return (sample_direction(self.args.seed, self.state.global_step),)
 
+    # The official BiPO runs stop a longer cosine schedule early: it lasts `schedule_epochs` when that is set.
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.args.schedule_epochs is not None:
+            num_training_steps = self.args.schedule_steps(update_steps_per_epoch(self), num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
+
     # DPOTrainer's loss is DPO's: the BiPO loss instead, with its metrics queued for TRL's log.
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -303,7 +310,7 @@ class SteerTrainer(DPOTrainer):
         capture = cache.capturing(inputs["input_ids"], inputs["attention_mask"]) if cache else nullcontext()
         with torch.no_grad(), peft_model.disable_adapter(), eval_mode(model), self.accelerator.autocast():
             with capture:  # the reference pass sees the unsteered prefix: keep it
-                logps = completion_logps(model, inputs)
+                logps = completion_logps(model, peft_model, inputs)
         return logps.float().chunk(2, dim=0)
 
     def _completion_logps(self, model: nn.Module, batch: dict[str, torch.Tensor], multiplier) -> torch.Tensor:
@@ -317,7 +324,7 @@ class SteerTrainer(DPOTrainer):
                 with self.accelerator.autocast():
                     cache.fill(batch["input_ids"], batch["attention_mask"], peft_model.disable_adapter())
                 stack.enter_context(cache.replay(batch["input_ids"], batch["attention_mask"]))
-            return completion_logps(model, batch)
+            return completion_logps(model, peft_model, batch)
 
     @contextmanager
     def _prompt_boundaries(self, peft_model: nn.Module, completion_mask: torch.Tensor) -> Iterator[None]:

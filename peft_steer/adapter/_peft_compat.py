@@ -312,6 +312,46 @@ __all__ = [
     "data_parallel_replica",
     "drop_peft_config",
     "first_column",
+    "logits_at",
     "own_peft_config",
     "saved_vector_key",
 ]
+
+
+def as_plain_model(model: nn.Module) -> nn.Module:
+    """A model transformers loaded from a GGUF file, marked as the plain float model it is.
+
+    transformers dequantizes GGUF weights to float on load but keeps the model marked quantized (``is_quantized``,
+    ``hf_quantizer``, ``config.quantization_config``), and its ``dequantize()`` is not implemented for GGUF. The marks
+    make ``save_pretrained`` and Trainer treat the float weights as quantized ones; nothing else depends on them.
+    """
+    if getattr(model, "quantization_method", None) != transformers.utils.quantization_config.QuantizationMethod.GGUF:
+        return model
+    model.is_quantized = False
+    model.hf_quantizer = None
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def logits_at(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """The logits of the positions that ``keep`` (bool, ``[rows, width]``) marks, ``[kept, vocab]`` in row-major
+    order, with the LM head run on those positions only where the model allows it.
+
+    transformers' causal LMs built on ``slice_logits_to_keep`` (all eight architectures peft-steer is tested on, and
+    most others of transformers 5) take a boolean ``logits_to_keep`` mask and project only its positions, the
+    soft-capping and logit scale applied after as usual; other models project every position and the positions are
+    picked from their logits.
+    """
+    import transformers.modeling_utils as modeling_utils
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    slicer = getattr(inspect.getmodule(type(base)), "slice_logits_to_keep", None)
+    masks = slicer is not None and slicer is getattr(modeling_utils, "slice_logits_to_keep", None)
+    masks = masks and "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    extra = {"logits_to_keep": keep} if masks else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+    return logits[keep] if logits.shape[:-1] == keep.shape else logits

@@ -10,6 +10,10 @@ from .files import DataError
 # The system prompt of the official BiPO code (Llama-2 chat format).
 SYSTEM_PROMPT = "You are a helpful, honest and concise assistant."
 
+# Stands for the answer when the template is rendered once to find what it writes around an answer: plain text that
+# a template's `trim` leaves as it is.
+_ANSWER = "PEFT_STEER_ANSWER_7f3a"
+
 
 def plain_prompt(question: str) -> str:
     """The plain base-model format, ``Question: {question}\\nAnswer:`` (answers follow after one space)."""
@@ -19,11 +23,15 @@ def plain_prompt(question: str) -> str:
 class PairFormatter:
     """Renders a question and its answers as prompt / completion text, the way the model sees them.
 
-    With a chat template: the prompt is the system and user turns plus the generation prompt, and each completion is
-    whatever the template adds for the assistant's answer (for Llama-2: ``" {answer} </s>"``, the official BiPO format).
-    A leading BOS that the template writes as text is removed when the tokenizer adds BOS itself, so the model sees one.
-    Without a template (a base model): ``"Question: {question}\\nAnswer:"`` and ``" {answer}"`` (EOS is added by the
-    trainer).
+    Answers are used as they are (not stripped), as the official BiPO code does. With a chat template: the prompt is
+    the system and user turns plus the generation prompt; each completion is what the template writes before the
+    answer, the answer, and the template's end-of-turn token (the first special token after the answer), with no
+    whitespace before that token and nothing after it. For Llama-2 that is ``" {answer}</s>"``: the official code's
+    ``' ' + answer`` followed by the EOS id, with no lone ``▁`` token before EOS; for ChatML ``"{answer}<|im_end|>"``.
+    A template that ends the answer with no special token keeps its text after the answer, and the trainer appends
+    EOS. A leading BOS that the template writes as text is removed when the tokenizer adds BOS itself, so the model
+    sees one. Without a template (a base model): ``"Question: {question}\\nAnswer:"`` and ``" {answer}"`` (EOS is
+    added by the trainer).
     """
 
     def __init__(
@@ -75,12 +83,35 @@ class PairFormatter:
         """``(prompt, [completion of each answer])``."""
         prompt = self.prompt(question)
         if not self.use_template:
-            return prompt, [f" {answer.strip()}" for answer in answers]
-        turns = self._turns(question)
-        completions = []
-        for answer in answers:
-            full = self._without_bos(self._render([*turns, {"role": "assistant", "content": answer.strip()}], False))
-            # A template that renders the prompt differently alone than before an answer: keep the answer as BiPO
-            # does (a leading space), the trainer adds EOS.
-            completions.append(full[len(prompt) :] if full.startswith(prompt) else f" {answer.strip()}")
-        return prompt, completions
+            return prompt, [f" {answer}" for answer in answers]
+        opening, closing = self._answer_frame(question, prompt)
+        return prompt, [f"{opening}{answer}{closing}" for answer in answers]
+
+    def _answer_frame(self, question: str, prompt: str) -> tuple[str, str]:
+        """What the template writes before and after an answer to ``question``, rendered once with a stand-in."""
+        full = self._without_bos(
+            self._render([*self._turns(question), {"role": "assistant", "content": _ANSWER}], False)
+        )
+        if not full.startswith(prompt) or _ANSWER not in full[len(prompt) :]:
+            # A template that renders the prompt differently alone than before an answer: the answer as BiPO has it
+            # (a leading space), and the trainer adds EOS.
+            return " ", ""
+        opening, after = full[len(prompt) :].split(_ANSWER, 1)
+        return opening, self._end_of_turn(after)
+
+    def _end_of_turn(self, after: str) -> str:
+        """The template's text after an answer up to its first special token, with no whitespace before that token
+        (a lone ``▁`` on SentencePiece tokenizers) and nothing after it; all of it when it holds no special token."""
+        found = [(after.find(token), -len(token), token) for token in _special_tokens(self.tokenizer) if token in after]
+        if not found:
+            return after
+        start, _, token = min(found)
+        return after[:start].rstrip() + token
+
+
+def _special_tokens(tokenizer: Any) -> set[str]:
+    """The text of every special token of ``tokenizer`` (BOS, EOS, and added ones such as ``<|im_end|>``)."""
+    tokens = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens.update(token.content for token in added.values() if getattr(token, "special", False))
+    return {token for token in tokens if token}

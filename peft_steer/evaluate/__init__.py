@@ -1,26 +1,43 @@
 """Measuring steering: log-probs, answer preference, the A/B score, steered generation, the LLM judge, and CAA.
 
-``log_probs`` is the one scorer the others build on; ``caa`` extracts the mean-difference vector that BiPO is compared
-against; ``plot`` draws the score per multiplier. Nothing here imports TRL.
+``log_probs`` is the one scorer the others build on; ``multiple_choice`` finds the answer letter's token of an A/B
+prompt and scores it; ``caa`` extracts the mean-difference vector that BiPO is compared against (``caa_ab_vector``:
+the paper's protocol at the answer letter); ``plot`` draws the score per multiplier. Nothing here imports TRL.
 """
 
-from .caa import block_activations, caa_vector
-from .generation import generate_sweep
+from .caa import balance_letters, block_activations, caa_ab_vector, caa_vector, span_activations
+from .generation import generate_sweep, side_by_side
 from .log_probs import completion_log_probs, model_device
-from .multiple_choice import CHOICES_FORMAT, ab_score, chat_ab_prompt
+from .multiple_choice import (
+    CHOICES_FORMAT,
+    LetterTokens,
+    ab_score,
+    chat_ab_prompt,
+    letter_log_probs,
+    letter_tokens,
+    matching_letters,
+)
 from .plot import plot_steering_curve
 from .preference import Preference, answer_preference
 
 __all__ = [
     "CHOICES_FORMAT",
+    "LetterTokens",
     "Preference",
     "ab_score",
     "answer_preference",
+    "balance_letters",
     "block_activations",
+    "caa_ab_vector",
     "caa_vector",
     "chat_ab_prompt",
     "completion_log_probs",
     "generate_sweep",
+    "letter_log_probs",
+    "letter_tokens",
+    "matching_letters",
     "model_device",
     "plot_steering_curve",
+    "side_by_side",
+    "span_activations",
 ]

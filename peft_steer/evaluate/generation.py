@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 
@@ -12,8 +13,40 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapter.control import has_steering, steering, steering_model
-from ..data.batches import pad_id_of
+from ..data.batches import pad_id_of, prompt_token_ids
 from ..data.formats import plain_prompt
+
+
+def read_done(path: str | os.PathLike) -> list[dict]:
+    """The complete records of a JSONL file an earlier run wrote (none when it does not exist).
+
+    A last line cut off by an interruption is removed from the file (it holds no complete record); any other line
+    that is not a JSON object is an error naming the line, and the file is left as it is.
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as file:
+        lines = file.read().split(b"\n")
+    records, kept_bytes = [], 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            kept_bytes += len(line) + 1
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "question" not in record or "multiplier" not in record:
+                raise ValueError("no question / multiplier")
+        except ValueError:
+            if number == len(lines):  # the unterminated last line of an interrupted write
+                with open(path, "r+b") as file:
+                    file.truncate(kept_bytes)
+                break
+            raise ValueError(
+                f"{path}, line {number}: not a generation record; remove the file or choose another."
+            ) from None
+        records.append(record)
+        kept_bytes += len(line) + 1
+    return records
 
 
 def generate_sweep(
@@ -26,13 +59,16 @@ def generate_sweep(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     progress: bool = True,
+    on_record: Callable[[dict], None] | None = None,
     **generate_kwargs,
 ) -> list[dict]:
-    """Generate an answer to every question at every multiplier and write them to ``out_path`` (JSONL).
+    """Generate an answer to every question at every multiplier, appending each record to ``out_path`` (JSONL).
 
     Each record: ``id``, ``question``, ``multiplier``, ``prompt``, ``generation`` (the new text only). Greedy
-    decoding unless ``generate_kwargs`` says otherwise. The prompts are padded on the left, as generation needs. The
-    file is written as records are produced, so an interruption keeps what was generated.
+    decoding unless ``generate_kwargs`` says otherwise. The prompts are padded on the left, as generation needs.
+    Records are written as they are produced, and a rerun with the same ``out_path`` skips every (question,
+    multiplier) the file already holds, so an interrupted run loses nothing and resumes. ``on_record`` is called
+    with each new record. Returns the records of all questions and multipliers, in order (earlier ones included).
     """
     multipliers = [float(m) for m in multipliers]
     if not questions or not multipliers:
@@ -43,34 +79,52 @@ def generate_sweep(
         steering_model(model)  # raises the error that says how to add a steering adapter
     else:
         steer = lambda model, multiplier: nullcontext()  # noqa: E731  (an unsteered model at multiplier 0)
+    done = {(record["question"], float(record["multiplier"])): record for record in read_done(out_path)}
     generate_kwargs.setdefault("do_sample", False)
     pad_id = pad_id_of(tokenizer, fallback=tokenizer.eos_token_id)
     device = next(model.parameters()).device
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    records: list[dict] = []
+    # one strength per forward: batches never mix multipliers
+    batches = []
+    for m in multipliers:
+        left = [i for i, question in enumerate(questions) if (question, m) not in done]
+        batches += [(m, left[start : start + batch_size]) for start in range(0, len(left), batch_size)]
     try:
-        with open(out_path, "w", encoding="utf-8") as out:
-            jobs = [(m, start) for m in multipliers for start in range(0, len(questions), batch_size)]
-            for m, start in tqdm(jobs, desc="steered generation", disable=not progress):
-                batch = list(questions[start : start + batch_size])
-                prompts = [format_prompt(question) for question in batch]
-                encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        with open(out_path, "a", encoding="utf-8") as out:
+            for m, batch in tqdm(batches, desc="steered generation", disable=not progress):
+                prompts = [format_prompt(questions[i]) for i in batch]
+                ids = [{"input_ids": prompt_token_ids(tokenizer, prompt)} for prompt in prompts]  # one BOS each
+                encoded = tokenizer.pad(ids, padding=True, return_tensors="pt").to(device)
                 with steer(model, multiplier=m), torch.no_grad():
                     output = model.generate(
                         **encoded, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **generate_kwargs
                     )
                 texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-                for offset, (question, prompt, text) in enumerate(zip(batch, prompts, texts)):
-                    record = {
-                        "id": f"{m:+g}/{start + offset}",
-                        "question": question,
-                        "multiplier": m,
-                        "prompt": prompt,
-                        "generation": text,
-                    }
+                for i, prompt, text in zip(batch, prompts, texts):
+                    record = {"id": f"{m:+g}/{i}", "question": questions[i], "multiplier": m, "prompt": prompt}
+                    record["generation"] = text
                     out.write(json.dumps(record) + "\n")
                     out.flush()
-                    records.append(record)
+                    done[(questions[i], m)] = record
+                    if on_record is not None:
+                        on_record(record)
     finally:
         tokenizer.padding_side = side
-    return records
+    return [done[(question, m)] for m in multipliers for question in questions]
+
+
+def side_by_side(records: list[dict], multipliers: list[float], width: int = 100) -> str:
+    """Each question, then its answer at each multiplier, wrapped to ``width`` columns."""
+    by_question: dict[str, dict[float, str]] = {}
+    for record in records:
+        by_question.setdefault(record["question"], {})[float(record["multiplier"])] = record["generation"]
+    blocks = []
+    for question, answers in by_question.items():
+        lines = [textwrap.shorten(f"Q: {question}", width)]
+        for m in multipliers:
+            answer = " ".join(answers.get(m, "").split())
+            lines += textwrap.wrap(answer, width, initial_indent=f"  m={m:+g}: ", subsequent_indent=" " * 10) or [
+                f"  m={m:+g}: (empty)"
+            ]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapter._peft_compat import logits_at
 from ..adapter.control import has_steering, prompt_lengths
-from ..data.batches import pad_id_of, right_padded
+from ..data.batches import pad_id_of, prompt_token_ids, right_padded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -35,7 +36,8 @@ def completion_log_probs(
 ) -> torch.Tensor:
     """Summed log-probability of each completion given its prompt.
 
-    The prompt is tokenized with the tokenizer's special tokens (e.g. BOS), the completion without, and the two id
+    The prompt is tokenized with the tokenizer's special tokens (e.g. BOS; one BOS even when the prompt text starts
+    with it, ``peft_steer.data.batches.prompt_token_ids``), the completion without, and the two id
     lists are concatenated, so the boundary between them is exact. Rows are batched (sorted by length, padded on
     the right) and the result is returned in the input order.
 
@@ -56,7 +58,7 @@ def completion_log_probs(
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    prompt_ids = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]  # special tokens, one BOS
     completion_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
     if any(len(ids) == 0 for ids in prompt_ids):
         raise ValueError("An empty prompt (no tokens, not even BOS) cannot condition a completion.")
@@ -78,13 +80,13 @@ def completion_log_probs(
                 scored[r, len(prompt_ids[i]) : len(prompt_ids[i]) + len(completion_ids[i])] = True
             boundary = torch.tensor([len(prompt_ids[i]) for i in rows])
             context = prompt_lengths(model, boundary.to(device)) if steered else nullcontext()
-            with context:
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            # Only the positions that predict a completion token; float64 from the logsumexp on keeps the sum of
-            # many per-token terms exact to float32 precision.
+            # The LM head runs only on the positions that predict a completion token (column t predicts column
+            # t + 1); float64 from the logsumexp on keeps the sum of many per-token terms exact to float32 precision.
             predicting = scored[:, 1:].to(device)
+            keep = torch.nn.functional.pad(predicting, (0, 1))
+            with context:
+                selected = logits_at(model, input_ids.to(device), attention.to(device), keep).float()
             targets = input_ids[:, 1:].to(device)[predicting]
-            selected = logits[:, :-1][predicting].float()
             token_log_probs = selected.gather(-1, targets[:, None]).squeeze(-1).double()
             token_log_probs = token_log_probs - torch.logsumexp(selected, dim=-1).double()
             row_of_token = torch.arange(len(rows), device=device)[:, None].expand_as(predicting)[predicting]

@@ -21,6 +21,7 @@ from torch import nn
 from ..adapter._peft_compat import block_of_saved_key, saved_vector_key
 from ..adapter.config import STEERING, SteeringConfig
 from ..adapter.model import check_vector, resolve_config
+from ..models import load_config, portable_name
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -128,15 +129,16 @@ def _check_saved_vector(weights_path: str, key: str, tensor: torch.Tensor, block
         )
 
 
-def base_structure(base_model: str | os.PathLike | nn.Module) -> nn.Module:
+def base_structure(base_model: str | os.PathLike | nn.Module, **hub_options: Any) -> nn.Module:
     """The base model to check an adapter against: the model itself, or one built on the ``meta`` device from the
-    config of a hub id or local folder (no weights are read or downloaded)."""
+    config of a hub id, local folder, ``.gguf`` file or ``"smollm2"`` (no weights are read or downloaded).
+    ``hub_options`` go to ``from_pretrained`` (e.g. ``local_files_only=True``)."""
     if isinstance(base_model, nn.Module):
         return base_model
-    config = transformers.AutoConfig.from_pretrained(base_model)
+    config = load_config(os.fspath(base_model), **hub_options)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    model.name_or_path = str(base_model)
+    model.name_or_path = portable_name(os.fspath(base_model))
     return model
 
 

@@ -8,6 +8,12 @@ it's never present"), and every model graph adds it with ``build_cvec(cur, il)``
 block ``il``. So ``direction.N`` is added to the output of block ``N`` (0-indexed), the same block as Hugging Face's
 ``model.layers[N]`` and peft-steer's ``layers=[N]``; block 0 cannot be steered there.
 
+repeng (0.4.0, ``repeng/extract.py`` and ``repeng/control.py``) writes and reads the same files with the same
+numbering: ``ControlVector.directions[N]`` is read from the output of block ``N`` and written as ``direction.N``, and
+``ControlModel(model, layer_ids)`` adds ``coeff * directions[N]`` to the output of ``model.layers[N]`` for each of its
+``layer_ids`` only (negative ids count from the end). Hence ``import_gguf``'s ``layers`` (its ``layer_ids``, or
+llama.cpp's ``--control-vector-layer-range``) and ``multiplier`` (its ``coeff``, llama.cpp's scale).
+
 Export writes to a temporary file beside the output and renames it at the end, so a failure leaves the old file (if
 any) as it was; import refuses what llama.cpp would not read (non-float or 2-D tensors, vectors of differing
 lengths), naming the file and the tensor.
@@ -17,12 +23,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..adapter.blocks import find_block_list
 from ..adapter.model import check_vector
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_structure, read_adapter, staging_path, write_adapter
 
@@ -31,16 +39,24 @@ GGUF_ARCH = "controlvector"
 _FLOAT_TYPES = ("F32", "F16", "F64")
 # What GGUFReader raises on a truncated or damaged file (numpy views past the end, bad counts, duplicate names).
 _READER_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError)
+_BLOCK_0 = "{path}: direction.0 is not a valid control vector block (llama.cpp refuses it too)"
 
 
 def export_gguf(
-    adapter: str | os.PathLike, out_path: str | os.PathLike, model_hint: str | None = None, overwrite: bool = False
+    adapter: str | os.PathLike,
+    out_path: str | os.PathLike,
+    model_hint: str | None = None,
+    overwrite: bool = False,
+    all_positions: bool = False,
 ) -> None:
     """Write a saved steering adapter as a llama.cpp control vector: ``direction.N = multiplier * v_N`` (float32).
 
-    Use it with ``llama-cli --control-vector FILE`` (or ``--control-vector-scaled FILE SCALE``). A vector at block 0
-    is refused: llama.cpp cannot steer block 0's output. An existing ``out_path`` is refused unless ``overwrite``,
-    and never replaced by a half-written file.
+    Use it with ``llama-cli --control-vector FILE`` (or ``--control-vector-scaled FILE:SCALE``), or in repeng with
+    ``ControlModel(model, sorted(vector.directions)).set_control(ControlVector.import_gguf(FILE), coeff=1.0)``. A
+    vector at block 0 is refused: llama.cpp cannot steer block 0's output. Both tools add a control vector at every
+    position, so an adapter with ``positions="completion"`` is refused unless ``all_positions`` (it would then steer
+    the prompt too). An existing ``out_path`` is refused unless ``overwrite``, and never replaced by a half-written
+    file.
     """
     adapter, out_path = os.fspath(adapter), os.fspath(out_path)
     _check_output(adapter, out_path, overwrite)
@@ -49,6 +65,11 @@ def export_gguf(
         raise ValueError(
             f"{adapter} steers block 0, which llama.cpp cannot steer (its loader refuses direction.0); "
             "train the vector at another block."
+        )
+    if config.positions != "all" and not all_positions:
+        raise ValueError(
+            f"{adapter} steers positions={config.positions!r}, but llama.cpp and repeng add a control vector at "
+            "every position (prompt included): pass --all-positions (all_positions=True) to export it anyway."
         )
     weights_path = os.path.join(adapter, WEIGHTS_NAME)
     directions = {
@@ -107,8 +128,17 @@ def _write_gguf(out_path: str, directions: dict[int, np.ndarray], hint: str) -> 
 
 def read_gguf(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor], str | None]:
     """``({block: float32 vector}, model_hint)`` of a llama.cpp control vector file; tensors naming the same block
-    (``direction.1``, ``direction.01``) are summed, as llama.cpp does."""
+    (``direction.1``, ``direction.01``) are summed, as llama.cpp does. ``direction.0`` is refused, as llama.cpp
+    refuses it."""
     path = os.fspath(path)
+    vectors, hint = _read_file(path)
+    if 0 in vectors:
+        raise ValueError(_BLOCK_0.format(path=path) + ".")
+    return vectors, hint
+
+
+def _read_file(path: str) -> tuple[dict[int, torch.Tensor], str | None]:
+    """``read_gguf`` with ``direction.0`` kept (repeng writes it for a vector trained on block 0)."""
     reader = _open(path)
     architecture = _field(reader, "general.architecture")
     if architecture != GGUF_ARCH:
@@ -145,8 +175,6 @@ def _read_direction(path: str, tensor: Any) -> tuple[int, torch.Tensor]:
     if not re.fullmatch(r"direction\.\d+", name):
         raise ValueError(f"{path}: tensor {name!r} is not a control vector direction (direction.N).")
     block = int(name.split(".")[1])
-    if block == 0:
-        raise ValueError(f"{path}: direction.0 is not a valid control vector block (llama.cpp refuses it too).")
     kind = tensor.tensor_type.name
     if kind not in _FLOAT_TYPES:
         raise ValueError(f"{path}: tensor {name!r} is {kind}; a control vector direction is a float tensor (F32).")
@@ -159,14 +187,56 @@ def _read_direction(path: str, tensor: Any) -> tuple[int, torch.Tensor]:
     return block, data
 
 
-def import_gguf(path: str | os.PathLike, base_model: str | os.PathLike | nn.Module, out: str | os.PathLike):
-    """Turn a llama.cpp control vector into a steering adapter folder for ``base_model``."""
-    vectors, hint = read_gguf(path)
+def import_gguf(
+    path: str | os.PathLike,
+    base_model: str | os.PathLike | nn.Module,
+    out: str | os.PathLike,
+    layers: Iterable[int] | None = None,
+    multiplier: float = 1.0,
+):
+    """Turn a llama.cpp (or repeng) control vector into a steering adapter folder for ``base_model``.
+
+    By default every direction of the file is imported, as llama.cpp applies it (``direction.0`` is refused, as
+    llama.cpp refuses the file). ``layers`` imports only those blocks (negative: counted from the end of
+    ``base_model``'s blocks), as repeng's ``ControlModel(model, layer_ids)`` steers only its ``layer_ids`` (block 0
+    included, when named) and llama.cpp's ``--control-vector-layer-range A B`` only blocks ``A..B``
+    (``layers=range(A, B + 1)``); a block the file has no direction for is an error. ``multiplier`` is the adapter's
+    default strength: repeng's ``coeff``, llama.cpp's ``--control-vector-scaled`` scale (the vectors stay as in the
+    file).
+    """
+    path = os.fspath(path)
+    vectors, hint = _read_file(path)
+    if layers is None and 0 in vectors:
+        raise ValueError(
+            _BLOCK_0.format(path=path) + "; pass layers=[...] (--layers) to import chosen blocks, as repeng's "
+            "ControlModel(model, layer_ids) applies them."
+        )
     model = base_structure(base_model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if hint and model_type and hint != model_type:
-        raise ValueError(f"{path} was made for a {hint!r} model; {base_model} is a {model_type!r} model.")
-    return write_adapter(out, vectors, model)
+    if hint and hint != "unknown" and model_type and hint != model_type:  # "unknown": exported without a config
+        name = getattr(model, "name_or_path", None) or type(model).__name__
+        raise ValueError(f"{path} was made for a {hint!r} model; {name} is a {model_type!r} model.")
+    if layers is not None:
+        vectors = _select(path, vectors, list(layers), len(find_block_list(model)[1]))
+    return write_adapter(out, vectors, model, multiplier=multiplier)
+
+
+def _select(path: str, vectors: dict[int, torch.Tensor], layers: list[int], num_blocks: int) -> dict[int, torch.Tensor]:
+    """The directions of ``layers`` (negative: from the end of ``num_blocks``), each named block present in the file."""
+    if not layers:
+        raise ValueError(f"{path}: layers=[] selects no block; name at least one, or leave layers out for all.")
+    selected = {}
+    for index in layers:
+        if not -num_blocks <= index < num_blocks:
+            raise ValueError(
+                f"layers={layers}: block {index} is out of range for a model of {num_blocks} decoder blocks "
+                f"(use 0..{num_blocks - 1}, or -{num_blocks}..-1 from the end)."
+            )
+        block = index % num_blocks
+        if block not in vectors:
+            raise ValueError(f"{path} has no direction for block {block} (it has blocks {sorted(vectors)}).")
+        selected[block] = vectors[block]
+    return selected
 
 
 def _field(reader: Any, key: str) -> str | None:
@@ -181,6 +251,7 @@ def _model_type(base_model: str | None) -> str:
     if not base_model:
         return "unknown"
     try:
-        return base_structure(base_model).config.model_type
+        # a hint is not worth a download (or an offline machine's retries): the config only where it is at hand
+        return base_structure(base_model, local_files_only=True).config.model_type
     except (OSError, ValueError):
         return "unknown"

@@ -11,7 +11,7 @@ from trl_integration.cli import main
 
 @pytest.mark.slow
 def test_demo_trains_compares_and_writes_its_outputs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "1"]) == 0
+    assert main(["demo", "--organism", "--out", str(tmp_path), "--epochs", "1"]) == 0
     folder = tmp_path / "peft-steer-demo-power-seeking"
     scores = json.loads((folder / "scores.json").read_text())
     bipo = {float(m): s for m, s in scores["curves"]["BiPO"].items()}
@@ -22,4 +22,4 @@ def test_demo_trains_compares_and_writes_its_outputs(tmp_path, capsys):
     model, _ = load_organism()
     loaded = PeftModel.from_pretrained(model, folder / "adapters")  # the BiPO adapter loads back
     assert loaded.peft_config["default"].layers == [2]
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "1"]) == 2  # nothing is overwritten
+    assert main(["demo", "--organism", "--out", str(tmp_path), "--epochs", "1"]) == 2  # nothing is overwritten

@@ -1,6 +1,7 @@
 """The `peft-steer` command line. It sits on top of both packages, so it lives here (peft_steer never imports TRL).
 
-One module per group of commands: `files` (saved adapters and vector files), `demo`, `train`.
+One module per group of commands: `files` (saved adapters and vector files), `demo`, `train`, `measure` (eval,
+generate).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import peft_steer
 from .demo import add_demo_command
 from .errors import CommandError
 from .files import add_file_commands
+from .measure import add_measure_commands
 from .train import add_train_command
 
 __all__ = ["CommandError", "build_parser", "main"]
@@ -27,12 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_file_commands(commands)
     add_demo_command(commands)
     add_train_command(commands)
+    add_measure_commands(commands)
     return parser
+
+
+def _joined_multipliers(argv: list[str]) -> list[str]:
+    """``--multipliers -1,0,1`` as ``--multipliers=-1,0,1`` (argparse takes a value starting with - for an option)."""
+    joined = []
+    for arg in argv:
+        if joined and joined[-1] == "--multipliers" and arg.startswith("-"):
+            joined[-1] = f"--multipliers={arg}"
+        else:
+            joined.append(arg)
+    return joined
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``peft-steer`` with ``argv`` (default: the process's arguments); returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_multipliers(sys.argv[1:] if argv is None else list(argv)))
     try:
         args.run(args)
     except (CommandError, OSError, ValueError) as error:

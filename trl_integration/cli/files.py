@@ -32,12 +32,32 @@ def add_file_commands(commands: Any) -> None:
     export.add_argument("out", help="The .gguf file to write.")
     export.add_argument("--model-hint", default=None, help="controlvector.model_hint (default: the base's type).")
     export.add_argument("--overwrite", action="store_true", help="Replace OUT if it exists (it is refused otherwise).")
+    export.add_argument(
+        "--all-positions",
+        action="store_true",
+        help="Export a positions='completion' adapter anyway: llama.cpp and repeng steer every position.",
+    )
     export.set_defaults(run=run_export_gguf)
 
     gguf_in = commands.add_parser("import-gguf", help="Turn a llama.cpp control vector into an adapter folder.")
     gguf_in.add_argument("file", help="The .gguf control vector.")
     gguf_in.add_argument("--base-model", required=True, help="Hub id or local folder of the base model.")
     gguf_in.add_argument("--out", required=True, help="Adapter folder to write (must not exist or be empty).")
+    gguf_in.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="Import only these blocks (negative: from the end), as repeng's ControlModel(model, layer_ids) steers "
+        "only its layer_ids; llama.cpp's --control-vector-layer-range A B is --layers A ... B (default: all).",
+    )
+    gguf_in.add_argument(
+        "--multiplier",
+        type=float,
+        default=1.0,
+        help="The adapter's default strength: repeng's coeff, llama.cpp's --control-vector-scaled scale (default 1).",
+    )
     gguf_in.set_defaults(run=run_import_gguf)
 
 
@@ -65,11 +85,13 @@ def run_import_official(args: argparse.Namespace) -> None:
 
 def run_export_gguf(args: argparse.Namespace) -> None:
     """Steering adapter folder -> llama.cpp control vector."""
-    export_gguf(args.adapter, args.out, model_hint=args.model_hint, overwrite=args.overwrite)
+    export_gguf(
+        args.adapter, args.out, model_hint=args.model_hint, overwrite=args.overwrite, all_positions=args.all_positions
+    )
     print(f"wrote {args.out}")
 
 
 def run_import_gguf(args: argparse.Namespace) -> None:
     """llama.cpp control vector -> steering adapter folder."""
-    config = import_gguf(args.file, args.base_model, args.out)
+    config = import_gguf(args.file, args.base_model, args.out, layers=args.layers, multiplier=args.multiplier)
     print(f"wrote {args.out}: blocks {config.layers} of {config.num_blocks}, hidden size {config.hidden_size}")

@@ -16,11 +16,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import BitsAndBytesConfig
 
 from peft_steer import SteeringConfig
 from peft_steer.data import BEHAVIORS, SYSTEM_PROMPT, DataError, load_preference_data
 from peft_steer.data.files import is_hub_id
+from peft_steer.models import MODEL_HELP, load_config, load_model, load_tokenizer
 
 from ..callbacks import NonFiniteVectorError
 from ..config import DEFAULT_EPOCHS, PAPER_PRESETS, SteerConfig, paper_preset
@@ -41,6 +42,10 @@ OVERRIDES = {
     "num_train_epochs": {
         "default": None,
         "help": f"Epochs (default: the paper's for the model, else {DEFAULT_EPOCHS})",
+    },
+    "schedule_epochs": {
+        "help": "Length of the learning-rate schedule in epochs; training stops at --epochs (default: the paper's "
+        "100-epoch schedule for its models when --epochs fits in it, else the schedule ends with the training)"
     },
     "output_dir": {"help": "Where checkpoints, per-epoch vectors and the final adapter go (default: bipo-SOURCE-LN)"},
     # Pinning needs an accelerator (it warns without one).
@@ -65,9 +70,7 @@ def add_train_command(commands: Any) -> None:
         help="A YAML file of options by their names (learning_rate: 1.0e-4, layers: [14], model: ..., data: ...; "
         "env: a mapping of environment variables); the options given on the command line override it.",
     )
-    parser.add_argument(
-        "--model", "--model_name_or_path", dest="model", help="Hub id or local folder of the base model."
-    )
+    parser.add_argument("--model", "--model_name_or_path", dest="model", help=MODEL_HELP)
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--behavior", choices=BEHAVIORS, help="One of the paper's data sets (shipped with peft-steer).")
     data.add_argument(
@@ -87,6 +90,7 @@ def add_train_command(commands: Any) -> None:
     )
     add_dataclass_options(steering, SteeringConfig, only=[name for name in STEERING_FIELDS if name != "layers"])
     _add_format_and_model_options(parser)
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="Train on the first N pairs only.")
     parser.add_argument(
         "--resume",
         "--resume_from_checkpoint",
@@ -137,7 +141,12 @@ def _description() -> str:
     def default(name: str) -> Any:
         return field_default(SteerConfig, name)
 
-    presets = ", ".join(f"block {p['layer']} and {p['epochs']} epochs for {name}" for name, p in PAPER_PRESETS.items())
+    presets = ", ".join(
+        f"block {p['layer']} and the vector of epoch {p['epochs']}"
+        + "".join(f" ({behavior}: {epochs})" for behavior, epochs in p.get("behavior_epochs", {}).items())
+        + f" of a {p['schedule_epochs']}-epoch schedule for {name}"
+        for name, p in PAPER_PRESETS.items()
+    )
     return (
         f"Train a steering vector with BiPO. Defaults are the paper's: beta {default('beta'):g}, AdamW lr "
         f"{default('learning_rate'):g}, weight decay {default('weight_decay'):g}, {default('lr_scheduler_type')} "
@@ -156,15 +165,13 @@ def run_train(args: argparse.Namespace) -> None:
     check_numbers(args)
     if args.data is not None and not os.path.exists(args.data) and not is_hub_id(args.data):
         raise CommandError(f"--data {args.data}: no such file.")
-    layers, epochs = _layers_and_epochs(args)
+    layers, epochs, schedule_epochs = _layers_and_epochs(args)
     source = args.behavior or os.path.splitext(os.path.basename(args.data.rstrip("/\\")))[0]
     output_dir = args.output_dir or f"bipo-{source}-L{'-'.join(str(layer) for layer in layers)}"
     _check_layers(args, layers)
     resume = checked_output(output_dir, args.resume_from_checkpoint or None)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     try:
         dataset = load_preference_data(
             args.data or args.behavior,
@@ -172,14 +179,18 @@ def run_train(args: argparse.Namespace) -> None:
             system_prompt=None if args.no_system_prompt else args.system_prompt,
             chat_template=False if args.no_chat_template else None,
         )
+        if args.limit is not None and args.limit < len(dataset):
+            print(f"Training on the first {args.limit} of {len(dataset)} pairs (--limit).")
+            dataset = dataset.select(range(args.limit))
         fields = {name: getattr(args, name) for name in args.config_fields}
         fields.update(output_dir=output_dir, num_train_epochs=epochs, resume_from_checkpoint=resume)
+        fields.update(schedule_epochs=schedule_epochs)
         config = SteerConfig(**fields)
     except DataError as error:
         raise CommandError(str(error)) from None
     steering = {name: getattr(args, name) for name in STEERING_FIELDS if name != "layers"}
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, **_load_kwargs(args))
+    model = load_model(args.model, **_load_kwargs(args))
     with _no_empty_folder_left(output_dir):
         trainer = SteerTrainer(
             model=model,
@@ -195,7 +206,8 @@ def run_train(args: argparse.Namespace) -> None:
         _save_final(trainer, output_dir)
     blocks = f"block {layers[0]}" if len(layers) == 1 else f"blocks {', '.join(map(str, layers))}"
     print(f"Saved the steering adapter ({blocks}) to {os.path.abspath(output_dir)}")
-    print(f"One vector per epoch: {os.path.join(os.path.abspath(output_dir), 'vectors')}")
+    if config.save_vectors_per_epoch:
+        print(f"One vector per epoch: {os.path.join(os.path.abspath(output_dir), 'vectors')}")
     if config.push_to_hub:
         trainer.push_to_hub(commit_message="End of training")
         print(f"Pushed the adapter to https://huggingface.co/{trainer.hub_model_id}")
@@ -226,9 +238,9 @@ def _no_empty_folder_left(output_dir: str) -> Iterator[None]:
         raise
 
 
-def _layers_and_epochs(args: argparse.Namespace) -> tuple[list[int], float]:
-    """The blocks and epochs given, or the paper's for the model."""
-    preset = paper_preset(args.model) or {}
+def _layers_and_epochs(args: argparse.Namespace) -> tuple[list[int], float, float | None]:
+    """The blocks, epochs and schedule length given, or the paper's for the model (and behavior)."""
+    preset = paper_preset(args.model, args.behavior) or {}
     layers = args.layers or ([args.layer] if args.layer is not None else None)
     if layers is None and "layer" in preset:
         layers = [preset["layer"]]
@@ -236,11 +248,14 @@ def _layers_and_epochs(args: argparse.Namespace) -> tuple[list[int], float]:
         known = " and ".join(f"{name} ({p['layer']})" for name, p in PAPER_PRESETS.items())
         raise CommandError(f"--layer is required for {args.model}: the paper's blocks are known only for {known}.")
     epochs = args.num_train_epochs if args.num_train_epochs is not None else preset.get("epochs", DEFAULT_EPOCHS)
-    return layers, epochs
+    schedule_epochs = args.schedule_epochs
+    if schedule_epochs is None and preset.get("schedule_epochs", 0) >= epochs:
+        schedule_epochs = preset["schedule_epochs"]  # the paper's schedule, stopped at `epochs`
+    return layers, epochs, schedule_epochs
 
 
 def _check_layers(args: argparse.Namespace, layers: list[int]) -> None:
-    model_config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    model_config = load_config(args.model, trust_remote_code=args.trust_remote_code)
     blocks = getattr(model_config.get_text_config(), "num_hidden_layers", None)
     flag = "--layers" if args.layers else "--layer"
     for layer in layers:

@@ -19,6 +19,7 @@ _COUNTS = {
     "--batch-size": "per_device_train_batch_size",
     "--gradient-accumulation-steps": "gradient_accumulation_steps",
     "--max-length": "max_length",
+    "--limit": "limit",
 }
 _STEPS = {"--save-steps": "save_steps", "--logging-steps": "logging_steps"}
 

@@ -159,7 +159,7 @@ def _with_bos_template():
 
 def test_pair_formatter_renders_a_question_with_several_answers(tokenizer):
     prompt, completions = PairFormatter(tokenizer, system_prompt=None)("Q?", ["a", " b "])
-    assert prompt == "[INST] Q? [/INST]" and completions == [" a</s>", " b</s>"]
+    assert prompt == "[INST] Q? [/INST]" and completions == [" a</s>", "  b </s>"]  # answers kept as written
 
 
 # ---- TRL formats and sources -------------------------------------------------------------------------------------

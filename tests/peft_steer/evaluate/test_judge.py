@@ -1,13 +1,24 @@
 """The LLM judge client against a small OpenAI-compatible server on 127.0.0.1: good, slow, garbled, refused."""
 
 import json
+import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from peft_steer.evaluate.judge import JudgeConfig, JudgeError, judge_file, parse_score
+from peft_steer.data import BEHAVIORS, read_behavior_rows
+from peft_steer.evaluate.judge import (
+    RUBRIC,
+    RUBRICS,
+    JudgeConfig,
+    JudgeError,
+    judge_file,
+    judge_prompt,
+    parse_score,
+    shipped_examples,
+)
 
 
 class Judge(BaseHTTPRequestHandler):
@@ -15,11 +26,15 @@ class Judge(BaseHTTPRequestHandler):
     JSON; otherwise the score is the number of times 'power' appears in the answer, capped at 4."""
 
     calls: list = []
+    prompts: list = []
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][0]["content"]
-        answer = prompt.split("Answer: ", 1)[1].split("\n\nRate the answer", 1)[0]
+        prompt = body["messages"][-1]["content"]
+        Judge.prompts.append(prompt)
+        # The answer in a behavior's rubric (Response: "...") or in the generic one (Answer: ...).
+        answer = re.search(r'\nResponse: "(.*?)"\n\n|\nAnswer: (.*?)\n\nRate the answer', prompt, re.DOTALL)
+        answer = answer.group(1) if answer.group(1) is not None else answer.group(2)
         Judge.calls.append(answer)
         if answer == "slow":
             threading.Event().wait(1.0)
@@ -45,7 +60,7 @@ def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    Judge.calls = []
+    Judge.calls, Judge.prompts = [], []
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     httpd.shutdown()
     httpd.server_close()
@@ -99,5 +114,66 @@ def test_bad_input_is_named(tmp_path):
     config = JudgeConfig(base_url="http://127.0.0.1:9/v1", model="judge")
     with pytest.raises(ValueError, match="record 1 has no text column 'generation'"):
         judge_file(str(tmp_path / "gen.jsonl"), str(tmp_path / "out.jsonl"), "power-seeking", config, False)
-    with pytest.raises(ValueError, match="behavior='rudeness'"):
+    with pytest.raises(ValueError, match="behavior='rudeness' has no rubric .* give definition="):
         judge_file(str(tmp_path / "gen.jsonl"), str(tmp_path / "out.jsonl"), "rudeness", config, False)
+
+
+# ---- the rubrics -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("behavior", BEHAVIORS)
+def test_each_shipped_behavior_has_a_rubric_with_example_answers_of_its_question(behavior):
+    row = read_behavior_rows(behavior, "test_infer")[0]
+    if "not_matching" in row:  # jailbreak: pairs
+        score_4, score_1 = row["matching"], row["not_matching"]
+    else:  # A/B questions: the matching letter's answer scores 4
+        score_4, score_1 = (row["A"], row["B"]) if row["matching"].strip("() ") == "A" else (row["B"], row["A"])
+    assert shipped_examples(behavior)[row["question"]] == (score_4, score_1)
+    prompt = judge_prompt(behavior, row["question"], "my answer", shipped_examples(behavior)[row["question"]])
+    assert f'Question: "{row["question"]}"' in prompt and 'Response: "my answer"' in prompt
+    assert RUBRICS[behavior].task in prompt
+    for score, rule in zip((4, 3, 2, 1), RUBRICS[behavior].rules, strict=True):
+        assert f"Score {score}: {rule}" in prompt
+    # The example of score 4 follows the rule of score 4, that of score 1 the rule of score 1.
+    assert f'{RUBRICS[behavior].rules[0]} Here is an example of a response that scores 4: "{score_4}"\n' in prompt
+    assert prompt.index(f'scores 1: "{score_1}"') > prompt.index("Score 1: ")
+    assert "Rate the answer on this 4-point scale" not in prompt  # not the generic rubric
+
+
+def test_the_judge_sends_the_behavior_rubric_with_the_examples_of_each_question(server, tmp_path):
+    rows = read_behavior_rows("power-seeking", "test_infer")[:2]
+    with open(tmp_path / "gen.jsonl", "w") as file:
+        for number, row in enumerate(rows):
+            file.write(json.dumps({"id": number, "question": row["question"], "generation": "power"}) + "\n")
+        own = {"id": 2, "question": "Unknown?", "generation": "power power", "matching": "Yes.", "not_matching": "No."}
+        file.write(json.dumps(own) + "\n")
+        file.write(json.dumps({"id": 3, "question": "Not shipped?", "generation": "power"}) + "\n")
+    config = JudgeConfig(base_url=server, model="judge")
+    results = judge_file(str(tmp_path / "gen.jsonl"), str(tmp_path / "scores.jsonl"), "power-seeking", config, False)
+    assert [r["score"] for r in results] == [1, 1, 2, 1]  # parsed from the replies as before
+    for row, prompt in zip(rows, Judge.prompts, strict=False):
+        score_4, score_1 = shipped_examples("power-seeking")[row["question"]]
+        assert f'scores 4: "{score_4}"' in prompt and f'scores 1: "{score_1}"' in prompt
+    assert 'scores 4: "Yes."' in Judge.prompts[2] and 'scores 1: "No."' in Judge.prompts[2]  # the record's own
+    assert "Score 4: " in Judge.prompts[3] and "Here is an example" not in Judge.prompts[3]  # none to show
+
+
+def test_an_unknown_behavior_gets_the_generic_rubric(server, tmp_path):
+    write_generations(tmp_path / "gen.jsonl", ["power power", "no"])
+    config = JudgeConfig(base_url=server, model="judge")
+    definition = "a tendency to flatter the user"
+    results = judge_file(
+        str(tmp_path / "gen.jsonl"), str(tmp_path / "scores.jsonl"), "flattery", config, False, definition=definition
+    )
+    assert [r["score"] for r in results] == [2, 1]
+    expected = RUBRIC.format(definition=definition, question="Take control?", answer="power power")
+    assert Judge.prompts[0] == expected
+    assert judge_prompt("flattery", "Q?", "A", ("x", "y"), definition) == RUBRIC.format(
+        definition=definition, question="Q?", answer="A"
+    )
+
+
+def test_parsing_replies_in_the_rubric_form():
+    assert parse_score('4\nThe response accepts the power "without" any hesitation.') == 4
+    assert parse_score("Score 1: the response turns the offer down.") == 1
+    assert parse_score("2 - neutral; it weighs 10 factors") == 2

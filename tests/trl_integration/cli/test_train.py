@@ -29,8 +29,9 @@ def _csv(path, rows) -> str:
 
 
 def test_paper_presets():
-    assert paper_preset("meta-llama/Llama-2-7b-chat-hf") == {"layer": 15, "epochs": 20}
-    assert paper_preset("/models/Mistral-7B-Instruct-v0.2/") == {"layer": 13, "epochs": 5}
+    assert paper_preset("meta-llama/Llama-2-7b-chat-hf") == {"layer": 15, "epochs": 20, "schedule_epochs": 100}
+    assert paper_preset("meta-llama/Llama-2-7b-chat-hf", "jailbreak")["epochs"] == 10
+    assert paper_preset("/models/Mistral-7B-Instruct-v0.2/") == {"layer": 13, "epochs": 5, "schedule_epochs": 100}
     assert paper_preset("mistralai/Mistral-7B-Instruct-v0.3") is None
     assert paper_preset("Qwen/Qwen2-7B-Instruct") is None
 

@@ -1,0 +1,89 @@
+"""`peft-steer eval` and `peft-steer generate` on a tiny saved model with a steering adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from peft_steer import SteeringConfig, steering
+from peft_steer.data import load_behavior
+from peft_steer.evaluate import completion_log_probs
+from peft_steer.models import load_model, load_tokenizer
+from trl_integration.cli import main
+
+
+@pytest.fixture
+def adapter_dir(model_dir, tmp_path) -> str:
+    """A steering adapter at block 1 of the tiny Llama in ``model_dir``, with a vector large enough to matter."""
+    torch.manual_seed(1)
+    model = get_peft_model(load_model(model_dir), SteeringConfig(layers=[1], init_vectors={1: torch.randn(32) * 4}))
+    folder = tmp_path / "adapter"
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--behavior", "power-seeking"]
+    argv += ["--metric", "preference", "--multipliers", "-1,0,1", "--limit", "6", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["metric"] == "preference" and report["n"] == 6
+    assert list(report["scores"]) == ["-1.0", "0.0", "1.0"]
+    # independently: the same formatted pairs, scored one at a time with the model's plain forward
+    tokenizer = load_tokenizer(model_dir)
+    pairs = load_behavior("power-seeking", "test", tokenizer).select(range(6))
+    model = PeftModel.from_pretrained(load_model(model_dir), adapter_dir).eval()
+    for m in (-1.0, 0.0, 1.0):
+        with steering(model, multiplier=m):
+            chosen = completion_log_probs(model, tokenizer, pairs["prompt"], pairs["chosen"], batch_size=1)
+            rejected = completion_log_probs(model, tokenizer, pairs["prompt"], pairs["rejected"], batch_size=1)
+        expected = float(torch.sigmoid(chosen - rejected).mean())
+        assert report["scores"][str(m)] == pytest.approx(expected, abs=1e-6)
+    margins = report["mean_margins"]
+    assert abs(margins["1.0"] - margins["-1.0"]) > 1e-2  # the adapter steers (the tiny model's scores saturate)
+    table = capsys.readouterr().out
+    assert "multiplier" in table and "+1" in table
+    assert main(argv) == 2  # the JSON file is never overwritten
+    assert json.loads(out.read_text()) == report
+
+
+def test_eval_ab_on_a_data_file_and_bad_input(model_dir, adapter_dir, tmp_path, capsys):
+    data = tmp_path / "ab.csv"
+    data.write_text("question,A,B,matching\nTake power?,Yes,No,A\nGive it away?,Yes,No,B\n")
+    base = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--data", str(data), "--metric", "ab"]
+    assert main([*base, "--multipliers", "-2,2"]) == 0
+    assert "A/B score" in capsys.readouterr().out
+    assert main([*base, "--multipliers", "-2,x"]) == 2
+    assert "--multipliers" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,A,B\nTake power?,Yes,No\n")
+    assert main([*base[:-4], "--data", str(bad)]) == 2
+    error = capsys.readouterr().err
+    assert "row 1" in error and "matching" in error
+    assert main([*base[:4], str(tmp_path / "nothing"), *base[5:]]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_generate_writes_records_as_they_come_and_a_rerun_skips_what_is_done(model_dir, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "answers.jsonl"
+    argv = ["generate", "--model", model_dir, "--adapter", adapter_dir, "--prompt", "Take power?", "Give it away?"]
+    argv += ["--multipliers", "-2,0,2", "--max-new-tokens", "5", "--out", str(out)]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["question"], r["multiplier"]) for r in records] == [
+        (q, m) for m in (-2.0, 0.0, 2.0) for q in ("Take power?", "Give it away?")
+    ]
+    assert len({r["generation"] for r in records if r["question"] == "Take power?"}) > 1  # steering changes text
+    assert "m=+2" in capsys.readouterr().out
+    # an interrupted run: the last record half-written; the rerun keeps the complete ones and redoes the rest
+    text = out.read_text()
+    kept = "".join(text.splitlines(keepends=True)[:4])
+    out.write_text(kept + text.splitlines(keepends=True)[4][:20])
+    assert main(argv) == 0
+    rerun = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rerun == records
+    assert main([*argv[:-2], "--out", str(tmp_path)]) == 2  # a folder is refused

@@ -1,0 +1,253 @@
+"""`peft-steer eval | generate`: the behavior score at each strength, and steered answers side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from peft import PeftModel
+
+from peft_steer.data import (
+    BEHAVIORS,
+    SYSTEM_PROMPT,
+    DataError,
+    PairFormatter,
+    load_behavior,
+    load_preference_data,
+    plain_prompt,
+    read_behavior_rows,
+)
+from peft_steer.data.files import read_source
+from peft_steer.evaluate import (
+    CHOICES_FORMAT,
+    ab_score,
+    answer_preference,
+    chat_ab_prompt,
+    generate_sweep,
+    side_by_side,
+)
+from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
+
+from .errors import CommandError
+
+METRICS = ("ab", "preference")
+
+
+def add_measure_commands(commands: Any) -> None:
+    """Register ``peft-steer eval`` and ``peft-steer generate`` on the CLI's sub-command parsers."""
+    evaluate = commands.add_parser(
+        "eval",
+        help="Score a steering adapter at several strengths (A/B score or answer preference) on held-out data.",
+        description="Prints one score per multiplier; --json writes {metric, scores: {multiplier: score}, ...}.",
+    )
+    _add_model_options(evaluate)
+    _add_source_options(evaluate, "A/B questions (question, A, B, matching) for --metric ab; pairs otherwise")
+    evaluate.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="ab",
+        help="ab: p(matching letter) / (p(A) + p(B)) on A/B questions (the paper's and CAA's score; a behavior's "
+        "test_infer split); preference: sigmoid(log p(matching) - log p(not matching)) of whole answers (its test "
+        "split).",
+    )
+    evaluate.add_argument("--multipliers", default="-1,0,1", help="Comma-separated strengths (default -1,0,1).")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass (default 8).")
+    evaluate.add_argument("--json", default=None, help="Also write the scores to this JSON file (must not exist).")
+    evaluate.set_defaults(run=run_eval)
+
+    generate = commands.add_parser(
+        "generate",
+        help="Generate steered answers at several strengths, written to a JSONL file as they come.",
+        description="One record per prompt and multiplier; a rerun with the same --out skips what is done.",
+    )
+    _add_model_options(generate)
+    source = _add_source_options(generate, "questions (a question column)", data=False)
+    source.add_argument("--prompt", nargs="+", default=None, help="One or more questions to ask.")
+    generate.add_argument("--multipliers", default="-2,0,2", help="Comma-separated strengths (default -2,0,2).")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="Tokens to generate per answer (default 64).")
+    generate.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default 8).")
+    generate.add_argument("--out", required=True, help="The JSONL file to write; an existing one is resumed.")
+    generate.set_defaults(run=run_generate)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--adapter", required=True, help="The steering adapter folder (save_pretrained output).")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="System message of the chat format.")
+    prompt.add_argument("--no-system-prompt", action="store_true", help="No system message.")
+    parser.add_argument(
+        "--no-chat-template", action="store_true", help="Plain 'Question: ...\\nAnswer:' format (base models)."
+    )
+
+
+def _add_source_options(parser: argparse.ArgumentParser, data_help: str, data: bool = True) -> Any:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--behavior", choices=BEHAVIORS, help="One of the shipped behaviors (its held-out split).")
+    if data:
+        source.add_argument("--data", help=f"A data file or folder of {data_help}.")
+    parser.add_argument("--limit", type=int, default=None, help="Use only the first N rows / questions.")
+    return source
+
+
+def parse_multipliers(text: str) -> list[float]:
+    """``"-1,0,1"`` -> ``[-1.0, 0.0, 1.0]``; anything else is a CommandError naming --multipliers."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CommandError(f"--multipliers {text!r}: expected comma-separated numbers, e.g. -1,0,1.") from None
+    if not values or any(value != value or abs(value) == float("inf") for value in values):
+        raise CommandError(f"--multipliers {text!r}: expected comma-separated finite numbers, e.g. -1,0,1.")
+    return values
+
+
+def _limited(rows: list, limit: int | None, what: str) -> list:
+    if limit is not None and limit < 1:
+        raise CommandError(f"--limit {limit}: must be at least 1.")
+    if limit is not None and limit < len(rows):
+        print(f"using the first {limit} of {len(rows)} {what} (--limit)", file=sys.stderr)
+        return rows[:limit]
+    return rows
+
+
+def _format_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The chat-format keywords of `PairFormatter` / `load_preference_data` that the options ask for."""
+    system = None if args.no_system_prompt else args.system_prompt
+    return {"system_prompt": system, "chat_template": False if args.no_chat_template else None}
+
+
+def _ab_format(args: argparse.Namespace, tokenizer: Any) -> Any:
+    """Row -> A/B prompt ending in ``(``: in the chat template, or plain with --no-chat-template."""
+    if args.no_chat_template:
+        return lambda row: plain_prompt(CHOICES_FORMAT.format(question=row["question"], A=row["A"], B=row["B"])) + " ("
+    return chat_ab_prompt(tokenizer, None if args.no_system_prompt else args.system_prompt)
+
+
+def _load_steered(args: argparse.Namespace) -> tuple[PeftModel, Any]:
+    """The base model with the adapter, after checking the adapter folder (before the slow model load)."""
+    if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        raise CommandError(f"--adapter {args.adapter}: no adapter_config.json there (a save_pretrained folder?).")
+    tokenizer = load_tokenizer(args.model)
+    model = PeftModel.from_pretrained(load_model(args.model), args.adapter)
+    return model.eval(), tokenizer
+
+
+def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
+    rows = (
+        read_behavior_rows(args.behavior, "test_infer")
+        if args.behavior
+        else [row.values for row in read_source(args.data)]
+    )
+    columns = ("question", "A", "B", "matching")
+    for number, row in enumerate(rows, start=1):
+        missing = [column for column in columns if column not in row]
+        if missing:
+            raise CommandError(f"--data {args.data}, row {number}: no column(s) {', '.join(missing)} for --metric ab.")
+    return _limited(rows, args.limit, "questions")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """Score the adapter at each multiplier and print (and with --json, write) the scores."""
+    multipliers = parse_multipliers(args.multipliers)
+    if args.json and os.path.exists(args.json):
+        raise CommandError(f"--json {args.json} exists: remove it or choose another file (nothing is overwritten).")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size {args.batch_size}: must be at least 1.")
+    if args.data and not os.path.exists(args.data):
+        raise CommandError(f"--data {args.data}: no such file or folder.")
+    model, tokenizer = _load_steered(args)
+    try:
+        if args.metric == "ab":
+            rows = _ab_rows(args)
+            scores = ab_score(
+                model,
+                tokenizer,
+                rows,
+                multipliers,
+                format_prompt=_ab_format(args, tokenizer),
+                batch_size=args.batch_size,
+            )
+            margins = None
+        else:
+            pairs = (
+                load_behavior(args.behavior, "test", tokenizer, **_format_options(args))
+                if args.behavior
+                else load_preference_data(args.data, tokenizer, **_format_options(args))
+            )
+            pairs = _limited(list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])), args.limit, "pairs")
+            results = answer_preference(
+                model, tokenizer, pairs, lambda prompt: prompt, multipliers, format_answer=lambda answer: answer
+            )
+            scores = {m: result.score for m, result in results.items()}
+            margins = {m: result.margin for m, result in results.items()}
+            rows = pairs
+    except DataError as error:
+        raise CommandError(str(error)) from None
+    print(_score_table(args.metric, scores, margins))
+    if args.json:
+        report = {
+            "metric": args.metric,
+            "scores": {str(float(m)): score for m, score in scores.items()},
+            "mean_margins": None if margins is None else {str(float(m)): value for m, value in margins.items()},
+            "n": len(rows),
+            "model": args.model,
+            "adapter": os.path.abspath(args.adapter),
+            "source": args.behavior or args.data,
+        }
+        write_new_file(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+def _score_table(metric: str, scores: dict, margins: dict | None) -> str:
+    name = "A/B score" if metric == "ab" else "preference"
+    lines = [f"{'multiplier':>10}  {name:>10}" + ("  mean margin" if margins else "")]
+    for m, score in scores.items():
+        lines.append(f"{m:>+10g}  {score:>10.3f}" + (f"  {margins[m]:>+11.3f}" if margins else ""))
+    return "\n".join(lines)
+
+
+def write_new_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file renamed into place; never overwrites)."""
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as file:
+        file.write(text)
+    try:
+        os.link(partial, path)  # fails, rather than replaces, when path appeared meanwhile
+    finally:
+        os.unlink(partial)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """Generate at each multiplier, append records to --out, and print the answers side by side."""
+    multipliers = parse_multipliers(args.multipliers)
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise CommandError("--max-new-tokens and --batch-size must be at least 1.")
+    if os.path.isdir(args.out):
+        raise CommandError(f"--out {args.out} is a folder; name a .jsonl file.")
+    if args.prompt is not None:
+        questions = [prompt for prompt in args.prompt]
+        if not all(question.strip() for question in questions):
+            raise CommandError("--prompt: empty prompt text.")
+    else:
+        questions = list(dict.fromkeys(row["question"] for row in read_behavior_rows(args.behavior, "test")))
+    questions = _limited(questions, args.limit, "questions")
+    model, tokenizer = _load_steered(args)
+    formatter = PairFormatter(tokenizer, **_format_options(args))
+    try:
+        records = generate_sweep(
+            model,
+            tokenizer,
+            questions,
+            multipliers,
+            args.out,
+            format_prompt=formatter.prompt,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    print(side_by_side(records, multipliers))
+    print(f"wrote {len(records)} records to {args.out}")
