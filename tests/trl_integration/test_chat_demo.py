@@ -36,6 +36,20 @@ def smollm2():
     return smollm2_copy()
 
 
+@pytest.fixture(autouse=True)
+def loaded_once(monkeypatch):
+    """The commands load SmolLM2 by name as users run them, but from this session's copy: each load from the GGUF
+    takes about 20 s (`tests/peft_steer/models` tests the loading itself)."""
+
+    def load_model(name, **kwargs):
+        assert name == SMOLLM2 and kwargs.get("dtype", torch.float32) == torch.float32, (name, kwargs)
+        return smollm2_copy()[0]
+
+    monkeypatch.setattr("trl_integration.cli.train.load_model", load_model)
+    monkeypatch.setattr("trl_integration.cli.measure.load_model", load_model)
+    monkeypatch.setattr("trl_integration.chat_demo.load", lambda name: smollm2_copy())
+
+
 def test_the_recipe_remakes_the_shipped_vector_and_it_moves_held_out_preference_both_ways(tmp_path, smollm2):
     out = tmp_path / "vector"
     assert main(["train", "--config", str(RECIPE), "--output_dir", str(out)]) == 0

@@ -126,13 +126,14 @@ def _ab_format(args: argparse.Namespace, tokenizer: Any) -> Any:
     return chat_ab_prompt(tokenizer, None if args.no_system_prompt else args.system_prompt)
 
 
-def _load_steered(args: argparse.Namespace) -> tuple[PeftModel, Any]:
-    """The base model with the adapter, after checking the adapter folder (before the slow model load)."""
+def _check_adapter(args: argparse.Namespace) -> None:
     if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         raise CommandError(f"--adapter {args.adapter}: no adapter_config.json there (a save_pretrained folder?).")
-    tokenizer = load_tokenizer(args.model)
-    model = PeftModel.from_pretrained(load_model(args.model), args.adapter)
-    return model.eval(), tokenizer
+
+
+def _load_steered(args: argparse.Namespace) -> PeftModel:
+    """The base model with the adapter: the slow step, once everything else is checked."""
+    return PeftModel.from_pretrained(load_model(args.model), args.adapter).eval()
 
 
 def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -158,34 +159,37 @@ def run_eval(args: argparse.Namespace) -> None:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1.")
     if args.data and not os.path.exists(args.data):
         raise CommandError(f"--data {args.data}: no such file or folder.")
-    model, tokenizer = _load_steered(args)
+    _check_adapter(args)
+    tokenizer = load_tokenizer(args.model)
     try:
         if args.metric == "ab":
             rows = _ab_rows(args)
-            scores = ab_score(
-                model,
-                tokenizer,
-                rows,
-                multipliers,
-                format_prompt=_ab_format(args, tokenizer),
-                batch_size=args.batch_size,
-            )
-            margins = None
+            format_prompt = _ab_format(args, tokenizer)
         else:
             pairs = (
                 load_behavior(args.behavior, "test", tokenizer, **_format_options(args))
                 if args.behavior
                 else load_preference_data(args.data, tokenizer, **_format_options(args))
             )
-            pairs = _limited(list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])), args.limit, "pairs")
-            results = answer_preference(
-                model, tokenizer, pairs, lambda prompt: prompt, multipliers, format_answer=lambda answer: answer
-            )
-            scores = {m: result.score for m, result in results.items()}
-            margins = {m: result.margin for m, result in results.items()}
-            rows = pairs
+            rows = _limited(list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])), args.limit, "pairs")
     except DataError as error:
         raise CommandError(str(error)) from None
+    model = _load_steered(args)
+    if args.metric == "ab":
+        scores = ab_score(model, tokenizer, rows, multipliers, format_prompt=format_prompt, batch_size=args.batch_size)
+        margins = None
+    else:
+        results = answer_preference(
+            model,
+            tokenizer,
+            rows,
+            lambda prompt: prompt,
+            multipliers,
+            format_answer=lambda answer: answer,
+            batch_size=args.batch_size,
+        )
+        scores = {m: result.score for m, result in results.items()}
+        margins = {m: result.margin for m, result in results.items()}
     print(_score_table(args.metric, scores, margins))
     if args.json:
         report = {
@@ -234,7 +238,9 @@ def run_generate(args: argparse.Namespace) -> None:
     else:
         questions = list(dict.fromkeys(row["question"] for row in read_behavior_rows(args.behavior, "test")))
     questions = _limited(questions, args.limit, "questions")
-    model, tokenizer = _load_steered(args)
+    _check_adapter(args)
+    tokenizer = load_tokenizer(args.model)
+    model = _load_steered(args)
     formatter = PairFormatter(tokenizer, **_format_options(args))
     try:
         records = generate_sweep(
