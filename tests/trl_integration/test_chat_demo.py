@@ -107,4 +107,3 @@ def test_demo_shows_the_answers_and_the_scores_moving(tmp_path, capsys):
     assert "m=-4" in shown and "m=+4" in shown and "BiPO" in shown
     with pytest.raises(FileExistsError):
         run_chat_demo(str(tmp_path), small)
-    assert peft_steer.__version__
