@@ -113,7 +113,7 @@ def main() -> None:
         folder = os.path.join(out, f"power-{block}")
         write_adapter(folder, {block: vector}, model, multiplier=args.multiplier)
         files[block] = os.path.join(out, f"power-{block}.gguf")
-        # the hint named: export_gguf otherwise reads the base model's config from the hub (offline: retries)
+        # the hint named: offline, export_gguf finds no config of the base model and would write "unknown"
         export_gguf(folder, files[block], overwrite=True, model_hint=model.config.model_type)
     print(f"exported: {files[args.layer]}")
 

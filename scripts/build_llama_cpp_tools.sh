@@ -8,7 +8,9 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest="$root/.llama.cpp"
-version=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+# The public version: a local suffix (0.3.36+cpu) names no release on PyPI.
+version=$(python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python").split("+")[0])' 2> /dev/null) \
+  || { echo 'llama-cpp-python is not installed: pip install -e ".[llama-cpp]" first' >&2; exit 2; }
 tools=(llama-server llama-cvector-generator)
 
 if [ "$(cat "$dest/version" 2>/dev/null)" = "$version" ] && [ -x "$dest/bin/${tools[0]}" ] && [ -x "$dest/bin/${tools[1]}" ]; then
@@ -16,18 +18,30 @@ if [ "$(cat "$dest/version" 2>/dev/null)" = "$version" ] && [ -x "$dest/bin/${to
   exit 0
 fi
 
+if ! command -v cmake > /dev/null; then
+  echo "cmake is not installed: taking it from PyPI (pip install cmake)"
+  python -m pip install --quiet cmake
+  PATH="$(python -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+fi
+
+if ! command -v ninja > /dev/null && ! command -v make > /dev/null; then
+  echo "neither ninja nor make is installed: apt install ninja-build (or make), or pip install ninja" >&2
+  exit 2
+fi
+
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-python -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work"
+python -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$version" -d "$work"
 tar xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
 generator=()
-command -v ninja > /dev/null && generator=(-G Ninja)
+if command -v ninja > /dev/null; then generator=(-G Ninja); fi
 # Static executables; no web UI (it is fetched from the network) and no HTTPS (not needed on localhost).
 cmake -S "$work/llama_cpp_python-$version/vendor/llama.cpp" -B "$work/build" "${generator[@]}" \
   -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF > "$work/configure.log" \
+  -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF > "$work/configure.log" 2>&1 \
   || { cat "$work/configure.log" >&2; exit 1; }
-cmake --build "$work/build" --target "${tools[@]}" -j "$(nproc)" > "$work/build.log" || { tail -50 "$work/build.log" >&2; exit 1; }
+cmake --build "$work/build" --target "${tools[@]}" -j "$(nproc)" > "$work/build.log" 2>&1 \
+  || { tail -50 "$work/build.log" >&2; exit 1; }
 
 # Replaced as a whole, the version file last: an interrupted build leaves no half-updated folder that looks done.
 rm -rf "$dest.new" && mkdir -p "$dest.new/bin"

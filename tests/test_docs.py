@@ -1,6 +1,7 @@
 """Every python block of the user docs runs, in order, offline."""
 
 import re
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -9,15 +10,26 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def run_doc_blocks(page: str) -> dict:
-    """Run the python blocks of ``docs/<page>`` in one namespace, in order; return the namespace."""
+    """Run the python blocks of ``docs/<page>`` in one namespace, in order; return the namespace.
+
+    A block whose first line is ``# needs modules: a, b (how to install them)`` is left out when one of those modules
+    is not installed; the others run, and the test is then reported skipped, naming the block."""
     blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(encoding="utf-8"), flags=re.DOTALL)
     assert blocks, f"docs/{page} has no python blocks"
     namespace: dict = {}
+    left_out = []
     for number, block in enumerate(blocks, start=1):
+        needs = re.match(r"# needs modules: ([\w, ]+)", block)
+        missing = [name for name in re.split(r"[, ]+", needs[1].strip()) if not find_spec(name)] if needs else []
+        if missing:
+            left_out.append(f"block {number} needs {', '.join(missing)}")
+            continue
         try:
             exec(compile(block, f"docs/{page} block {number}", "exec"), namespace)
         except Exception as error:
             raise AssertionError(f"docs/{page} block {number} failed: {error!r}\n{block}") from error
+    if left_out:
+        pytest.skip(f"docs/{page}: the other blocks ran; {'; '.join(left_out)}")
     return namespace
 
 

@@ -45,24 +45,22 @@ def control_vector_data(files: ControlVectorFiles, n_layer: int, n_embd: int) ->
     pairs = [(files, 1.0)] if isinstance(files, (str, os.PathLike)) else list(files)
     if not pairs:
         raise ValueError("no control vector files given")
+    for pair in pairs:
+        if isinstance(pair, (str, os.PathLike)) or len(pair) != 2:
+            raise ValueError(f"{pair!r}: give one path, or (path, scale) pairs as --control-vector-scaled FILE:SCALE.")
     data = np.zeros(n_embd * (n_layer - 1), dtype=np.float32)
-    for path, scale in pairs:
-        vectors, _ = read_gguf(path, f32_only=True)
-        for block, vector in sorted(vectors.items()):
-            if vector.shape[0] != n_embd:
-                raise ValueError(
-                    f"{os.fspath(path)}: direction.{block} has {vector.shape[0]} values; the model's hidden size is "
-                    f"{n_embd}."
-                )
-            if block >= n_layer:
-                raise ValueError(
-                    f"{os.fspath(path)}: direction.{block} is past the model's last block ({n_layer - 1})."
-                )
-            with np.errstate(over="ignore", invalid="ignore"):  # float32, as llama.cpp multiplies; checked below
-                scaled = vector.numpy() * np.float32(scale)
-            if not np.isfinite(scaled).all():
-                raise ValueError(f"{os.fspath(path)}: scale {scale} times direction.{block} overflows float32.")
-            data[n_embd * (block - 1) : n_embd * block] += scaled
+    with np.errstate(over="ignore", invalid="ignore"):  # float32, as llama.cpp computes; checked below
+        for path, scale in pairs:
+            vectors, _ = read_gguf(path, f32_only=True)
+            for block, vector in sorted(vectors.items()):
+                where = f"{os.fspath(path)}: direction.{block}"
+                if vector.shape[0] != n_embd:
+                    raise ValueError(f"{where} has {vector.shape[0]} values; the model's hidden size is {n_embd}.")
+                if block >= n_layer:
+                    raise ValueError(f"{where} is past the model's last block ({n_layer - 1}).")
+                data[n_embd * (block - 1) : n_embd * block] += vector.numpy() * np.float32(scale)
+                if not np.isfinite(data).all():
+                    raise ValueError(f"{where} times scale {scale}, added to the files before it, overflows float32.")
     return data
 
 
@@ -75,6 +73,10 @@ def set_control_vector(llm: Any, files: ControlVectorFiles | None, layers: tuple
     prefix."""
     import llama_cpp
 
+    if files is None and layers is not None:
+        raise ValueError(f"layers={layers} without files: clearing the control vector takes no layer range.")
+    if layers is not None and not 1 <= layers[0] <= layers[1]:
+        raise ValueError(f"layers={layers}: give (start, end) with 1 <= start <= end, as llama.cpp's range.")
     apply = getattr(llama_cpp, "llama_set_adapter_cvec", None) or llama_cpp.llama_apply_adapter_cvec
     n_layer = llama_cpp.llama_model_n_layer(llm.model)
     if files is None:
@@ -83,12 +85,10 @@ def set_control_vector(llm: Any, files: ControlVectorFiles | None, layers: tuple
         n_embd = llm.n_embd()
         data = control_vector_data(files, n_layer, n_embd)
         start, end = layers or (1, n_layer)
-        if not 1 <= start <= end:
-            raise ValueError(f"layers={layers}: give (start, end) with 1 <= start <= end, as llama.cpp's range.")
         pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         error = apply(llm.ctx, pointer, data.size, n_embd, start, end)
     if error:
-        raise RuntimeError(f"llama.cpp refused the control vector (llama_set_adapter_cvec returned {error}).")
+        raise RuntimeError(f"llama.cpp refused the control vector ({apply.__name__} returned {error}).")
     llm.reset()
 
 

@@ -226,30 +226,40 @@ def test_fsdp2_ranks_hold_identical_vectors_equal_to_one_process(model_dir, one_
         assert torch.equal(resumed0, rank0) and torch.equal(resumed1, rank0)
 
 
+EXAMPLE_OPTIONS = ["--cpu", "--behavior", "wealth-seeking", "--layer", "1", "--max-steps", "4", "--eval-pairs", "8"]
+SCORE = re.compile(r"multiplier ([+-]\d): answer preference ([\d.]+) \(mean log-prob margin ([+-][\d.]+)\)")
+
+
+@pytest.fixture(scope="module")
+def example_alone(model_dir, tmp_path_factory) -> tuple[list, torch.Tensor]:
+    """examples/train_bipo.py in one plain process, 4 pairs per step: its printed scores and its vector."""
+    single = str(tmp_path_factory.mktemp("example-alone"))
+    example = os.path.join(ROOT, "examples", "train_bipo.py")
+    command = [sys.executable, example, *EXAMPLE_OPTIONS, "--model", model_dir, "--batch-size", "4"]
+    alone = _run([*command, "--output-dir", single])
+    return SCORE.findall(alone), read_adapter(single)[1][1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
-def test_the_example_trains_and_scores_when_sharded(model_dir, tmp_path, engine):
+def test_the_example_trains_and_scores_when_sharded(model_dir, example_alone, tmp_path, engine):
     """`accelerate launch examples/train_bipo.py` with every weight sharded (ZeRO-3 partitioned, or FSDP2): it trains
     the vector of one process, and its evaluation after training (every rank runs the forwards of the sharded model)
     prints the scores of one process, once. (4 steps into the paper's 100 warm-up steps the vector is small: the
     scores show that the sharded model computes the log-probs of the whole one, not that the vector steers.)"""
     if engine == "zero3":
         pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
-    options = ["--cpu", "--model", model_dir, "--behavior", "wealth-seeking", "--layer", "1", "--max-steps", "4"]
-    options += ["--eval-pairs", "8"]
-    sharded, single = str(tmp_path / "sharded"), str(tmp_path / "single")
+    sharded = str(tmp_path / "sharded")
     launcher = os.path.join(HERE, "example_launcher.py")
     if engine == "zero3":
         launch = [*_launch(*_partitioned(tmp_path), "--mixed_precision", "no", script=launcher)]
     else:
         launch = [*_launch(*_config("fsdp"), "--mixed_precision", "no", script=launcher), "--fsdp-on-cpus"]
-    launched = _run([*launch, *options, "--batch-size", "2", "--output-dir", sharded])
-    example = os.path.join(ROOT, "examples", "train_bipo.py")
-    alone = _run([sys.executable, example, *options, "--batch-size", "4", "--output-dir", single])
-    score = re.compile(r"multiplier ([+-]\d): answer preference ([\d.]+) \(mean log-prob margin ([+-][\d.]+)\)")
+    launched = _run([*launch, *EXAMPLE_OPTIONS, "--model", model_dir, "--batch-size", "2", "--output-dir", sharded])
+    alone_scores, single_vector = example_alone
     assert f"{'DeepSpeed' if engine == 'zero3' else 'FSDP'}: precompute_ref_log_probs turned off" in launched
-    assert [sign for sign, *_ in score.findall(launched)] == ["-1", "+0", "+1"]  # printed by the main process only
-    assert score.findall(launched) == score.findall(alone)
-    (_, vector), (_, single_vector) = read_adapter(sharded), read_adapter(single)
-    assert vector[1].abs().max() > 0
-    torch.testing.assert_close(vector[1], single_vector[1], rtol=1e-4, atol=1e-9)
+    assert [sign for sign, *_ in SCORE.findall(launched)] == ["-1", "+0", "+1"]  # printed by the main process only
+    assert SCORE.findall(launched) == alone_scores
+    vector = read_adapter(sharded)[1][1]
+    assert vector.abs().max() > 0
+    torch.testing.assert_close(vector, single_vector, rtol=1e-4, atol=1e-9)

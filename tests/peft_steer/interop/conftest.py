@@ -78,7 +78,7 @@ def power(gguf_model, tmp_path_factory) -> dict:
     for name, block, multiplier in [(13, 13, MULTIPLIER), (14, 14, MULTIPLIER), (15, 15, MULTIPLIER), ("unit", 14, 1)]:
         write_adapter(out / f"power-{name}", {block: vector}, model, multiplier=multiplier)
         files[name] = str(out / f"power-{name}.gguf")
-        # the hint named: export_gguf otherwise reads the base model's config from the hub (offline: retries)
+        # the hint named: offline, export_gguf finds no config of the base model and would write "unknown"
         export_gguf(out / f"power-{name}", files[name], model_hint=model.config.model_type)
     prompts = load_behavior("power-seeking", "test", tokenizer)["prompt"][:PROMPTS]
     ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
