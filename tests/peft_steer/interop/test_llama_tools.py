@@ -90,7 +90,7 @@ def generated(gguf_model, power, tmp_path_factory) -> str:
 
 
 def test_a_vector_from_llama_cvector_generator_imports_and_steers_as_llama_server(
-    gguf_model, power, unsteered, generated, tmp_path, capsys
+    gguf_model, power, unsteered, generated, tmp_path
 ):
     start, end = GENERATOR_LAYERS
     layers = [str(block) for block in range(start, end + 1)]
