@@ -58,6 +58,32 @@ def torch_log_probs(model, ids: list[int]) -> np.ndarray:
         return torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
 
 
+def kl(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) in nats, from log-probabilities."""
+    return float(np.sum(np.exp(p) * (p - q)))
+
+
+def new_llama(gguf_model: str):
+    """llama-cpp-python's ``Llama`` on ``gguf_model`` with every position's logits kept, or a skip that says how to
+    install it."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp",
+        reason='needs llama-cpp-python, a source build of llama.cpp (10-25 min): pip install "peft-steer[llama-cpp]"',
+    )
+    # one thread: on a busy machine llama.cpp's threads spin at their barriers (7 s instead of 0.3 s per prompt)
+    return llama_cpp.Llama(
+        model_path=gguf_model, logits_all=True, n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False
+    )
+
+
+def cpp_log_probs(llm, ids: list[int]) -> np.ndarray:
+    """Next-token log-probabilities after ``ids`` in llama-cpp-python, float64, from a fresh evaluation."""
+    llm.reset()
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[len(ids) - 1], dtype=np.float64)
+    return logits - np.logaddexp.reduce(logits)
+
+
 @pytest.fixture(scope="session")
 def power(gguf_model, tmp_path_factory) -> dict:
     """The CAA power-seeking vector of SmolLM2 at block 14 (16 training pairs, mean over the answer tokens) as

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from peft_steer.interop.cvec import control_vector, control_vector_data, set_control_vector
-from tests.peft_steer.interop.conftest import BLOCK, MULTIPLIER
+from tests.peft_steer.interop.conftest import BLOCK, MULTIPLIER, cpp_log_probs, kl, new_llama
 from tests.peft_steer.interop.test_gguf import write_gguf
 
 pytest.importorskip("gguf", reason='needs gguf: pip install "peft-steer[gguf]"')
@@ -28,17 +28,6 @@ TOP_K = 20
 MIN_CORRELATION = 0.98
 MAX_SHIFT_DIFFERENCE = 1.0
 MIN_MARGIN = 0.15
-
-
-def cpp_log_probs(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    logits = np.asarray(llm.scores[len(ids) - 1], dtype=np.float64)
-    return logits - np.logaddexp.reduce(logits)
-
-
-def kl(p: np.ndarray, q: np.ndarray) -> float:
-    return float(np.sum(np.exp(p) * (p - q)))
 
 
 def test_the_buffer_holds_each_direction_times_its_scale_at_its_block_and_zeros_elsewhere(tmp_path):
@@ -79,17 +68,6 @@ def test_a_list_of_paths_is_refused_with_the_form_to_use(tmp_path):
     path = write_gguf(tmp_path / "a.gguf", [("direction.3", np.ones(576, np.float32))])
     with pytest.raises(ValueError, match="give one path, or \\(path, scale\\) pairs"):
         control_vector_data([path, path], n_layer=30, n_embd=576)
-
-
-def new_llama(gguf_model: str):
-    llama_cpp = pytest.importorskip(
-        "llama_cpp",
-        reason='needs llama-cpp-python, a source build of llama.cpp (10-25 min): pip install "peft-steer[llama-cpp]"',
-    )
-    # one thread: on a busy machine llama.cpp's threads spin at their barriers (7 s instead of 0.3 s per prompt)
-    return llama_cpp.Llama(
-        model_path=gguf_model, logits_all=True, n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False
-    )
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,11 @@ from tests.conftest import smollm2_copy
 from tests.peft_steer.interop.conftest import (
     BLOCK,
     MULTIPLIER,
+    cpp_log_probs,
+    kl,
     llama_server,
     llama_tool,
+    new_llama,
     server_log_probs,
     shift_correlation,
     torch_log_probs,
@@ -103,7 +106,7 @@ def test_a_vector_from_llama_cvector_generator_imports_and_steers_as_llama_serve
         with steered.disable_adapter():
             base = torch_log_probs(steered, ids)
         hf.append((base, torch_log_probs(steered, ids)))
-    kls = [float(np.sum(np.exp(h1) * (h1 - h0))) for h0, h1 in hf]
+    kls = [kl(h1, h0) for h0, h1 in hf]
     assert min(kls) > 0.3, kls  # a clear shift, so that agreeing means something
     args = ["--control-vector-scaled", f"{generated}:{GENERATOR_SCALE}", "--control-vector-layer-range"]
     with llama_server(gguf_model, *args, str(start), str(end)) as url:
@@ -145,31 +148,20 @@ def test_llama_cvector_generator_reads_each_direction_one_block_before_the_one_i
 def test_the_binding_helper_applies_files_as_llama_server_reads_them(gguf_model, power, generated):
     """Two files with their scales and a layer range, in llama-server and in llama-cpp-python through
     ``peft_steer.interop.cvec``: the same llama.cpp code and weights, so the same log-probs."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason='needs llama-cpp-python: pip install "peft-steer[llama-cpp]"')
     from peft_steer.interop.cvec import control_vector
 
     files = [(power["files"]["unit"], MULTIPLIER), (generated, -3.0)]
     layer_range = (12, 16)
     flag = ",".join(f"{path}:{scale}" for path, scale in files)
     args = ["--control-vector-scaled", flag, "--control-vector-layer-range", *map(str, layer_range)]
-    # flash attention off, as in llama-cpp-python by default: on, it moves this model's log-probs by up to 0.36
-    with llama_server(gguf_model, *args, "--flash-attn", "off") as url:
-        server = served(url, power["ids"])
-
-    def binding_log_probs(llm) -> list[np.ndarray]:
-        log_probs = []
-        for ids in power["ids"]:
-            llm.reset()
-            llm.eval(ids)
-            logits = np.asarray(llm.scores[len(ids) - 1], dtype=np.float64)
-            log_probs.append(logits - np.logaddexp.reduce(logits))
-        return log_probs
-
-    llm = llama_cpp.Llama(model_path=gguf_model, logits_all=True, n_ctx=1024, n_threads=1, verbose=False)
+    llm = new_llama(gguf_model)  # before the server: a missing llama-cpp-python skips at once
     try:
-        unsteered = binding_log_probs(llm)
+        # flash attention off, as in llama-cpp-python by default: on, it moves this model's log-probs by up to 0.36
+        with llama_server(gguf_model, *args, "--flash-attn", "off") as url:
+            server = served(url, power["ids"])
+        unsteered = [cpp_log_probs(llm, ids) for ids in power["ids"]]
         with control_vector(llm, files, layers=layer_range):
-            binding = binding_log_probs(llm)
+            binding = [cpp_log_probs(llm, ids) for ids in power["ids"]]
     finally:
         llm.close()
     shifts = [max(abs(top[t] - base[t]) for t in top) for top, base in zip(server, unsteered)]
