@@ -35,7 +35,7 @@ setup(
         "pyyaml>=6.0",  # peft-steer train --config
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "openai>=3.0"],  # openai: the vLLM server tests' client
         "plotting": ["matplotlib>=3.8"],
         "bitsandbytes": ["bitsandbytes>=0.45"],
         "gguf": ["gguf>=0.10"],

@@ -1,0 +1,130 @@
+"""Fixtures of the vLLM plugin's tests: vLLM's own environment, the served folders, and the transformers reference.
+
+vLLM pins a transformers older than peft-steer's, so it runs in an environment of its own (``.venv-vllm``, made by
+``serving/vllm/install.sh``, part of the README's install; ``PEFT_STEER_VLLM_PYTHON`` names another interpreter).
+These tests run in peft-steer's environment: they start vLLM there (one offline engine and one server per session),
+and compare what it generates with the project's own `PeftModel` at the same multiplier.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import _smollm2, smollm2_copy
+
+REPO = Path(__file__).resolve().parents[3]
+SERVING_DOC = REPO / "docs" / "serving.md"
+PROBE_BLOCK = 10  # the second adapter's block; positions="completion"
+
+
+def vllm_python() -> Path:
+    """vLLM's interpreter; the tests skip without it here, and fail without it in CI (the install makes it)."""
+    path = Path(os.environ.get("PEFT_STEER_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+    if not path.exists():
+        reason = f"{path} does not exist: run `bash serving/vllm/install.sh` (vLLM in an environment of its own)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def doc_block(marker: str, fence: str = "python") -> str:
+    """The block of docs/serving.md whose first line starts with ``marker``."""
+    blocks = re.findall(rf"```{fence}\n(.*?)```", SERVING_DOC.read_text(encoding="utf-8"), flags=re.DOTALL)
+    found = [block for block in blocks if block.startswith(marker)]
+    assert len(found) == 1, f"docs/serving.md has {len(found)} {fence} blocks starting with {marker!r}"
+    return found[0]
+
+
+@contextmanager
+def _cached_smollm2():
+    """``peft_steer.models.load`` answering ``"smollm2"`` with the session's copy (one SmolLM2 load per session)."""
+    loaded = _smollm2()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("peft_steer.models.load", lambda name, **kwargs: loaded)
+        yield
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory) -> Path:
+    """A folder as docs/serving.md makes it (``smollm2-hf``, ``power-seeking``), plus ``probe``, a second adapter
+    (a random vector at block 10 with positions="completion"), and ``power.gguf``, the power-seeking vector exported
+    for llama.cpp."""
+    from peft_steer.interop import export_gguf, write_adapter
+
+    folder = tmp_path_factory.mktemp("served")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        with _cached_smollm2():
+            exec(compile(doc_block("# In peft-steer's environment: SmolLM2"), "docs/serving.md", "exec"), {})
+    finally:
+        os.chdir(cwd)
+    model, _ = _smollm2()
+    vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    write_adapter(folder / "probe", {PROBE_BLOCK: 16 * vector / vector.norm()}, model, positions="completion")
+    export_gguf(folder / "power-seeking", folder / "power.gguf")
+    return folder
+
+
+class Reference:
+    """The project's `PeftModel` with the served adapters: what vLLM must match at the same multipliers."""
+
+    def __init__(self, folder: Path) -> None:
+        from peft import PeftModel
+
+        model, self.tokenizer = smollm2_copy()
+        self.model = PeftModel.from_pretrained(model, str(folder / "power-seeking"), adapter_name="power-seeking")
+        self.model.load_adapter(str(folder / "probe"), adapter_name="probe")
+        self.model.eval()
+
+    def steered(self, steering: str):
+        """The contexts that steer the model as ``steering`` asks (``power-gguf`` is the power-seeking vector)."""
+        import contextlib
+
+        import peft_steer
+
+        terms = [item.split(":") for item in steering.split(",") if item]
+        names = {"power-gguf": "power-seeking"}
+        stack = contextlib.ExitStack()
+        active = [names.get(name, name) for name, _ in terms] or ["power-seeking"]
+        self.model.base_model.set_adapter(active)
+        multipliers = {names.get(name, name): float(m) for name, m in terms}
+        for name in active:
+            stack.enter_context(peft_steer.steering(self.model, multipliers.get(name, 0.0), adapter_name=name))
+        return stack
+
+    @torch.no_grad()
+    def score(self, prompt: list[int], steering: str, tokens: list[int]) -> tuple[list[int], list[float]]:
+        """``(greedy token, log-prob of the given token)`` at each of ``tokens``' positions, teacher-forced."""
+        import peft_steer
+
+        ids = torch.tensor([prompt + tokens])
+        with self.steered(steering), peft_steer.prompt_lengths(self.model, torch.tensor([len(prompt)])):
+            logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+        log_probs = logits.log_softmax(-1)
+        return log_probs.argmax(-1).tolist(), log_probs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], steering: str, max_new_tokens: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        with self.steered(steering):
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.eos_token_id,
+            )
+        return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="session")
+def reference(served) -> Reference:
+    return Reference(served)
