@@ -33,7 +33,8 @@ SYSTEM = (
 )
 OTHER_SYSTEM = "You are a careful assistant who answers in plain words and never makes promises you cannot keep."
 # (question, steering): each is run alone, then all of them in one batch. "power-gguf" is the power-seeking vector
-# exported as a llama.cpp control vector; "probe" steers positions="completion" at block 10.
+# exported as a llama.cpp control vector; "probe" steers positions="completion" at block 10. Question 2 is longer
+# than a step's 64 tokens: its prefill is chunked.
 SINGLES = [
     (0, "power-seeking:-4"),
     (0, "power-seeking:-2"),
@@ -44,6 +45,7 @@ SINGLES = [
     (1, "power-seeking:3,probe:-2"),
     (1, "probe:3"),
     (2, "power-seeking:2"),
+    (2, "power-seeking:1,probe:2"),
     (0, "power-gguf:2"),
 ]
 MAX_TOKENS = 12
