@@ -65,8 +65,11 @@ def model_shape(model: str) -> tuple[int, int] | None:
     path = os.path.join(model, "config.json")
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as file:
-        raw = json.load(file)
+    try:
+        with open(path, encoding="utf-8") as file:
+            raw = json.load(file)
+    except (OSError, ValueError, RecursionError):
+        return None  # vLLM reports an unreadable config itself
     raw = raw.get("text_config", raw) if isinstance(raw, dict) else {}
     hidden = raw.get("hidden_size", raw.get("n_embd"))
     blocks = raw.get("num_hidden_layers", raw.get("n_layer"))
@@ -75,7 +78,7 @@ def model_shape(model: str) -> tuple[int, int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = parser().parse_known_args(argv)
-    for option in ("--enforce-eager", "--load-format", "--logits-processors"):
+    for option in ("--load-format", "--logits-processors"):
         if option in rest or any(arg.startswith(option + "=") for arg in rest):
             print(f"peft-steer-vllm: error: {option} is set by peft-steer-vllm serve; leave it out.", file=sys.stderr)
             return 2

@@ -8,8 +8,10 @@ and compare what it generates with the project's own `PeftModel` at the same mul
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +42,26 @@ def doc_block(marker: str, fence: str = "python") -> str:
     found = [block for block in blocks if block.startswith(marker)]
     assert len(found) == 1, f"docs/serving.md has {len(found)} {fence} blocks starting with {marker!r}"
     return found[0]
+
+
+def ask(prompt: list[int], steering: str | None, max_tokens: int, salted: bool = True) -> dict:
+    """One request of an `offline_engine.py` job (greedy, with the log-prob of each generated token)."""
+    return {"prompt_token_ids": prompt, "steering": steering, "max_tokens": max_tokens, "salted": salted}
+
+
+def run_engine(job: dict, cwd: Path, work: Path) -> dict:
+    """Run ``offline_engine.py`` on ``job`` in vLLM's environment; its output, or a failure with the log's end."""
+    (work / "job.json").write_text(json.dumps(job))
+    script = Path(__file__).with_name("offline_engine.py")
+    log = work / "engine.log"
+    with open(log, "w") as out:
+        result = subprocess.run(
+            [str(vllm_python()), str(script), str(work / "job.json"), str(work / "out.json")],
+            cwd=cwd, stdout=out, stderr=subprocess.STDOUT, timeout=900,
+            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""},
+        )  # fmt: skip
+    assert result.returncode == 0, f"the vLLM engine failed:\n{log.read_text()[-4000:]}"
+    return json.loads((work / "out.json").read_text())
 
 
 @contextmanager
@@ -74,30 +96,34 @@ def served(tmp_path_factory) -> Path:
 
 
 class Reference:
-    """The project's `PeftModel` with the served adapters: what vLLM must match at the same multipliers."""
+    """The project's `PeftModel` with the served adapters: what vLLM must match at the same multipliers.
 
-    def __init__(self, folder: Path) -> None:
+    ``adapters`` maps each adapter name to its folder; ``aliases`` maps names vLLM serves from another file (a
+    ``.gguf`` export) to the adapter they equal.
+    """
+
+    def __init__(self, model, tokenizer, adapters: dict[str, Path], aliases: dict[str, str] | None = None) -> None:
         from peft import PeftModel
 
-        model, self.tokenizer = smollm2_copy()
-        self.model = PeftModel.from_pretrained(model, str(folder / "power-seeking"), adapter_name="power-seeking")
-        self.model.load_adapter(str(folder / "probe"), adapter_name="probe")
-        self.model.eval()
+        self.tokenizer, self.aliases = tokenizer, aliases or {}
+        (first, path), *others = adapters.items()
+        self.model = PeftModel.from_pretrained(model, str(path), adapter_name=first).eval()
+        for name, path in others:
+            self.model.load_adapter(str(path), adapter_name=name)
+        self.first = first
 
     def steered(self, steering: str):
-        """The contexts that steer the model as ``steering`` asks (``power-gguf`` is the power-seeking vector)."""
+        """The contexts that steer the model as ``steering`` (``"NAME:MULTIPLIER,..."``) asks."""
         import contextlib
 
         import peft_steer
 
-        terms = [item.split(":") for item in steering.split(",") if item]
-        names = {"power-gguf": "power-seeking"}
-        stack = contextlib.ExitStack()
-        active = [names.get(name, name) for name, _ in terms] or ["power-seeking"]
+        terms = {self.aliases.get(n, n): float(m) for n, m in (item.split(":") for item in steering.split(",") if item)}
+        active = list(terms) or [self.first]
         self.model.base_model.set_adapter(active)
-        multipliers = {names.get(name, name): float(m) for name, m in terms}
+        stack = contextlib.ExitStack()
         for name in active:
-            stack.enter_context(peft_steer.steering(self.model, multipliers.get(name, 0.0), adapter_name=name))
+            stack.enter_context(peft_steer.steering(self.model, terms.get(name, 0.0), adapter_name=name))
         return stack
 
     @torch.no_grad()
@@ -127,4 +153,6 @@ class Reference:
 
 @pytest.fixture(scope="session")
 def reference(served) -> Reference:
-    return Reference(served)
+    model, tokenizer = smollm2_copy()
+    adapters = {name: served / name for name in ("power-seeking", "probe")}
+    return Reference(model, tokenizer, adapters, aliases={"power-gguf": "power-seeking"})

@@ -2,11 +2,11 @@
 
 ``python offline_engine.py JOB.json OUT.json``. The job holds the python block of docs/serving.md that builds the
 engine (``llm``; run as written, with the job's extra engine options added to ``vllm.LLM`` and its extra adapters
-to ``engine_args``), and the batches to send after it. Each request is ``{"prompt_token_ids", "steering" (or
-null), "max_tokens", "salted"}``: a salted request goes through ``peft_steer_vllm.steered`` (the documented way),
-an unsalted one sets only ``SamplingParams.extra_args``. The output holds, per batch and request, the generated
-token ids, the log-prob of each, and the number of prompt tokens served from the prefix cache; and the example's
-``answers``.
+to ``engine_args``), or else the ``engine`` options to build one with, and the batches to send after it. Each
+request is ``{"prompt_token_ids", "steering" (or null), "max_tokens", "salted"}``: a salted request goes through
+``peft_steer_vllm.steered`` (the documented way), an unsalted one sets only ``SamplingParams.extra_args``. The
+output holds, per batch and request, the generated token ids, the log-prob of each, and the number of prompt tokens
+served from the prefix cache; and the example's ``answers``.
 """
 
 import functools
@@ -48,8 +48,11 @@ def main(job_path: str, out_path: str) -> None:
     documented = peft_steer_vllm.engine_args
     peft_steer_vllm.engine_args = lambda adapters, **kw: documented({**adapters, **job["extra_adapters"]}, **kw)
     namespace: dict = {}
-    exec(compile(job["doc_block"], "docs/serving.md (offline example)", "exec"), namespace)
-    llm = namespace["llm"]
+    if "doc_block" in job:
+        exec(compile(job["doc_block"], "docs/serving.md (offline example)", "exec"), namespace)
+        llm = namespace["llm"]
+    else:
+        llm = vllm.LLM(**job["engine"], **peft_steer_vllm.engine_args({}))
     results = []
     for batch in job["batches"]:
         prompts, params = zip(*(request(spec, steered, SamplingParams) for spec in batch))

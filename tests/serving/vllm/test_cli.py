@@ -43,7 +43,7 @@ def test_dry_run_prints_the_vllm_command(folders, capsys, monkeypatch):
         (["--adapter", "vec={f}/vec", "--adapter", "vec={f}/vec"], "names 'vec' twice"),
         (["--adapter", "bad name={f}/vec"], "adapter name 'bad name'"),
         (["--adapter", "vec={f}/vec", "--default-steering", "other:1"], "default steering 'other:1'"),
-        (["--adapter", "vec={f}/vec", "--enforce-eager"], "--enforce-eager is set by peft-steer-vllm serve"),
+        (["--adapter", "vec={f}/vec", "--logits-processors", "x:Y"], "--logits-processors is set by peft-steer-vllm"),
         (["--adapter", "vec={f}/vec", "--load-format=gguf"], "--load-format is set by peft-steer-vllm serve"),
     ],
 )
@@ -63,3 +63,5 @@ def test_the_model_shape_comes_from_the_text_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 8, "num_hidden_layers": 3}}))
     assert cli.model_shape(str(tmp_path)) == (8, 3)
     assert cli.model_shape(str(tmp_path / "nowhere")) is None
+    (tmp_path / "config.json").write_text("{")
+    assert cli.model_shape(str(tmp_path)) is None

@@ -7,13 +7,9 @@ prefill is chunked while other requests decode).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-
 import pytest
 
-from .conftest import doc_block, vllm_python
+from .conftest import ask, doc_block, run_engine
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +54,6 @@ def chat(tokenizer, question: str, system: str | None = None) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
-def ask(prompt: list[int], steering: str | None, max_tokens: int = MAX_TOKENS, salted: bool = True) -> dict:
-    return {"prompt_token_ids": prompt, "steering": steering, "max_tokens": max_tokens, "salted": salted}
-
-
 @pytest.fixture(scope="module")
 def prompts(reference) -> dict:
     tokenizer = reference.tokenizer
@@ -76,31 +68,20 @@ def prompts(reference) -> dict:
 @pytest.fixture(scope="module")
 def offline(served, prompts, tmp_path_factory) -> dict:
     questions, cache, unsalted = prompts["questions"], prompts["cache"], prompts["unsalted"]
-    batches = [[ask(questions[q], s)] for q, s in SINGLES]
+    batches = [[ask(questions[q], s, MAX_TOKENS)] for q, s in SINGLES]
     # one batch: every single request again, half of them stopping early (their rows leave, the others move)
     batches.append([ask(questions[q], s, MAX_TOKENS if i % 2 else 6) for i, (q, s) in enumerate(SINGLES)])
     # the prefix cache: a steered request, then an unsteered and a same-steered one sharing its system prompt
-    batches += [[ask(cache[0], "power-seeking:4")], [ask(cache[1], None)], [ask(cache[2], "power-seeking:4")]]
+    batches += [[ask(cache[0], "power-seeking:4", 4)], [ask(cache[1], None, 4)], [ask(cache[2], "power-seeking:4", 4)]]
     # without the salt (raw SamplingParams.extra_args), the unsteered request reuses the steered KV
-    batches += [[ask(unsalted[0], "power-seeking:4", salted=False)], [ask(unsalted[1], None, salted=False)]]
-    work = tmp_path_factory.mktemp("offline")
+    batches += [[ask(unsalted[0], "power-seeking:4", 4, salted=False)], [ask(unsalted[1], None, 4, salted=False)]]
     job = {
         "doc_block": doc_block("# In vLLM's environment"),
         "engine_options": ENGINE_OPTIONS,
         "extra_adapters": {"probe": str(served / "probe"), "power-gguf": str(served / "power.gguf")},
         "batches": batches,
     }
-    (work / "job.json").write_text(json.dumps(job))
-    script = os.path.join(os.path.dirname(__file__), "offline_engine.py")
-    log = work / "engine.log"
-    with open(log, "w") as out:
-        result = subprocess.run(
-            [str(vllm_python()), script, str(work / "job.json"), str(work / "out.json")],
-            cwd=served, stdout=out, stderr=subprocess.STDOUT, timeout=900,
-            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""},
-        )  # fmt: skip
-    assert result.returncode == 0, f"the vLLM engine failed:\n{log.read_text()[-4000:]}"
-    return json.loads((work / "out.json").read_text())
+    return run_engine(job, served, tmp_path_factory.mktemp("offline"))
 
 
 def test_docs_example_matches_transformers(offline, reference):
