@@ -45,6 +45,8 @@ setup(
         # repeng's own dependencies but numpy<2, which it declares and does not need: install repeng itself with
         # `pip install --no-deps repeng==0.4.0` (docs/interop.md).
         "repeng": ["scikit-learn>=1.4", "tqdm>=4.66"],
+        # lm-evaluation-harness, to evaluate a steered model on its tasks (docs/harness.md)
+        "lm-eval": ["lm_eval[hf]>=0.4.13"],
     },
     entry_points={"console_scripts": ["peft-steer=trl_integration.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
