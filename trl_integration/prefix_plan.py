@@ -23,8 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from peft_steer import SteeringConfig
+from peft_steer.evaluate.scoring import eval_mode
 
-from ._runtime import eval_mode, free_host_memory
+from ._runtime import free_host_memory
 from .config import SteerConfig
 from .prefix_cache import PrefixCache, choose_storage, estimate_bytes, fallback_reason
 from .prefix_offload import OffloadedBlocks, destination_for, offload_blocker

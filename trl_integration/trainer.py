@@ -27,9 +27,9 @@ import peft_steer
 from peft_steer import SteeringConfig, SteeringModel
 from peft_steer.adapter.blocks import find_block_list
 from peft_steer.adapter.card import write_model_card
+from peft_steer.evaluate.scoring import eval_mode
 
 from ._accelerate_compat import deepspeed_zero_stage
-from ._runtime import eval_mode
 from ._trl_compat import (
     close_progress_bars,
     completion_logps,
