@@ -9,6 +9,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ._peft_compat import data_parallel_replica
+from .blocks import hidden_of, with_hidden
 from .context import adopted, caller_state
 
 CHILD = "steer"  # name of the SteeringLayer child of a block; must not contain the prefix (PEFT skips those)
@@ -95,14 +96,13 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
     def _steer_block_output(self, block: nn.Module, args: Any, output: Any) -> Any:
         if self._disable_adapters:
             return None
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden_of(output)
         # `block` is a copy of this layer's block when nn.DataParallel runs it in a thread of its own.
         with adopted(getattr(block, CHILD, self)._caller_state):
             delta = self.delta(hidden)
         if delta is None:
             return None
-        steered = hidden + delta
-        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        return with_hidden(output, hidden + delta)
 
     def extra_repr(self) -> str:
         return f"block={self.block_index}, active={self.active_adapters}"
