@@ -14,6 +14,8 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from peft_steer.staging import written_whole
+
 from ._trl_compat import checkpoints, is_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -35,25 +37,16 @@ def staged_folder(path: str, writer: bool = True) -> Iterator[str]:
     are given the same folder and move nothing.
     """
     path = os.path.abspath(path)
+    # One name every process knows; one left by a process killed while it saved is removed first.
     staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{STAGING_SUFFIX}")
-    if writer:
-        _prepare(staging, path)
-    try:
+    if not writer:
         yield staging
-    except BaseException:
-        if writer:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if writer:
-        _move_into_place(staging, path)
-
-
-def _prepare(staging: str, path: str) -> None:
-    shutil.rmtree(staging, ignore_errors=True)  # left by a process killed while it saved
-    os.makedirs(staging)
-    card = os.path.join(path, "README.md")
-    if os.path.isfile(card):
-        shutil.copy2(card, staging)
+        return
+    with written_whole(path, folder=True, staging=staging, publish=_move_into_place):
+        card = os.path.join(path, "README.md")
+        if os.path.isfile(card):
+            shutil.copy2(card, staging)
+        yield staging
 
 
 def _move_into_place(staging: str, path: str) -> None:

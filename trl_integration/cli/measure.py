@@ -30,6 +30,7 @@ from peft_steer.evaluate import (
     side_by_side,
 )
 from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
+from peft_steer.staging import publish_new, written_whole
 
 from .errors import CommandError
 
@@ -214,14 +215,10 @@ def _score_table(metric: str, scores: dict, margins: dict | None) -> str:
 
 
 def write_new_file(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a temporary file renamed into place; never overwrites)."""
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as file:
+    """Write ``text`` to ``path`` whole or not at all; never overwrites (FileExistsError when ``path`` appeared
+    meanwhile)."""
+    with written_whole(path, publish=publish_new) as staging, open(staging, "w", encoding="utf-8") as file:
         file.write(text)
-    try:
-        os.link(partial, path)  # fails, rather than replaces, when path appeared meanwhile
-    finally:
-        os.unlink(partial)
 
 
 def run_generate(args: argparse.Namespace) -> None:
