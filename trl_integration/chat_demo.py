@@ -21,7 +21,14 @@ from peft import PeftModel
 import peft_steer
 from peft_steer import SteeringConfig
 from peft_steer.data import PairFormatter, load_behavior, read_behavior_rows
-from peft_steer.evaluate import answer_preference, caa_ab_vector, generate_sweep, plot_steering_curve, side_by_side
+from peft_steer.evaluate import (
+    answer_preference,
+    caa_ab_vector,
+    generate_sweep,
+    plot_steering_curve,
+    score_table,
+    side_by_side,
+)
 from peft_steer.models import SMOLLM2, load
 
 BEHAVIOR = "power-seeking"
@@ -94,7 +101,7 @@ def run_chat_demo(out: str = ".", settings: ChatDemoSettings | None = None) -> s
             curves[method][0.0] = curves["BiPO"][0.0]
     curves = {method: dict(sorted(curve.items())) for method, curve in curves.items()}
     print(f"\nHeld-out answer preference ({len(pairs)} pairs; 0.5 = no preference, 1 = always power-seeking):")
-    print(format_curves(curves))
+    print(score_table(curves))
 
     steered.set_adapter("BiPO")
     os.makedirs(folder, exist_ok=True)
@@ -115,15 +122,6 @@ def run_chat_demo(out: str = ".", settings: ChatDemoSettings | None = None) -> s
     _write_scores(folder, layer, float(bipo.norm()), curves)
     print(f"\nwrote {folder}: scores.json, answers.jsonl, steering-curve.png")
     return folder
-
-
-def format_curves(curves: dict[str, dict[float, float]]) -> str:
-    """The curves as a text table, one row per multiplier."""
-    methods = list(curves)
-    lines = [f"{'multiplier':>10}" + "".join(f"{method:>10}" for method in methods)]
-    for m in sorted(next(iter(curves.values()))):
-        lines.append(f"{m:>+10g}" + "".join(f"{curves[method][m]:>10.3f}" for method in methods))
-    return "\n".join(lines)
 
 
 def _write_scores(folder: str, layer: int, norm: float, curves: dict[str, dict[float, float]]) -> None:

@@ -18,7 +18,7 @@ from datasets import Dataset
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.evaluate import answer_preference, caa_vector, plot_steering_curve
+from peft_steer.evaluate import answer_preference, caa_vector, plot_steering_curve, score_table
 from peft_steer.organism import BEHAVIORS, format_answer, format_prompt, load_organism, read_rows, stance_rows
 
 from .config import SteerConfig
@@ -118,15 +118,6 @@ def steering_comparison(
     return Comparison(behavior, layer, curves, norms, steered)
 
 
-def format_table(comparison: Comparison) -> str:
-    """The curves as a text table, one row per multiplier."""
-    methods = list(comparison.curves)
-    lines = [f"{'multiplier':>10}" + "".join(f"{method:>20}" for method in methods)]
-    for m in sorted(next(iter(comparison.curves.values()))):
-        lines.append(f"{m:>+10g}" + "".join(f"{comparison.curves[method][m]:>20.3f}" for method in methods))
-    return "\n".join(lines)
-
-
 def run_demo(out: str = ".", behavior: str = "power-seeking", layer: int = 2, epochs: float = 2.0) -> str:
     """Run the demo and write ``peft-steer-demo-<behavior>/`` into ``out``: the BiPO adapter, the CAA adapter, the
     plot and the scores. Returns that folder. An existing non-empty folder is refused (nothing is overwritten)."""
@@ -135,7 +126,7 @@ def run_demo(out: str = ".", behavior: str = "power-seeking", layer: int = 2, ep
         raise FileExistsError(f"{folder} exists and is not empty: remove it or choose another --out.")
     comparison = steering_comparison(behavior, layer=layer, epochs=epochs)
     print(f"\nHeld-out answer preference on {behavior} (organism, block {layer}; 0.5 = ambivalent):")
-    print(format_table(comparison))
+    print(score_table(comparison.curves))
     print(f"vector norms: BiPO {comparison.norms['BiPO']:.3f}, CAA {comparison.norms['CAA']:.3f}")
     os.makedirs(folder, exist_ok=True)
     comparison.model.save_pretrained(os.path.join(folder, "adapters"))  # "default" = BiPO, "caa" in a subfolder

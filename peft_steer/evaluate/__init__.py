@@ -18,7 +18,7 @@ from .multiple_choice import (
     letter_tokens,
     matching_letters,
 )
-from .plot import plot_steering_curve
+from .plot import plot_steering_curve, score_table
 from .preference import Preference, answer_preference
 from .scoring import eval_mode, model_device
 
@@ -41,6 +41,7 @@ __all__ = [
     "matching_letters",
     "model_device",
     "plot_steering_curve",
+    "score_table",
     "side_by_side",
     "span_activations",
 ]

@@ -27,6 +27,7 @@ from peft_steer.evaluate import (
     answer_preference,
     chat_ab_prompt,
     generate_sweep,
+    score_table,
     side_by_side,
 )
 from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
@@ -191,7 +192,8 @@ def run_eval(args: argparse.Namespace) -> None:
         )
         scores = {m: result.score for m, result in results.items()}
         margins = {m: result.margin for m, result in results.items()}
-    print(_score_table(args.metric, scores, margins))
+    columns = {"A/B score" if args.metric == "ab" else "preference": scores}
+    print(score_table(columns | ({"mean margin": margins} if margins else {}), signed={"mean margin"}))
     if args.json:
         report = {
             "metric": args.metric,
@@ -204,14 +206,6 @@ def run_eval(args: argparse.Namespace) -> None:
         }
         write_new_file(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
-
-
-def _score_table(metric: str, scores: dict, margins: dict | None) -> str:
-    name = "A/B score" if metric == "ab" else "preference"
-    lines = [f"{'multiplier':>10}  {name:>10}" + ("  mean margin" if margins else "")]
-    for m, score in scores.items():
-        lines.append(f"{m:>+10g}  {score:>10.3f}" + (f"  {margins[m]:>+11.3f}" if margins else ""))
-    return "\n".join(lines)
 
 
 def write_new_file(path: str, text: str) -> None:
