@@ -17,6 +17,7 @@ from .multiple_choice import (
     letter_log_probs,
     letter_tokens,
     matching_letters,
+    plain_ab_prompt,
 )
 from .plot import plot_steering_curve, score_table
 from .preference import Preference, answer_preference
@@ -40,6 +41,7 @@ __all__ = [
     "letter_tokens",
     "matching_letters",
     "model_device",
+    "plain_ab_prompt",
     "plot_steering_curve",
     "score_table",
     "side_by_side",

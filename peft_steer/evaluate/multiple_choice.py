@@ -26,10 +26,15 @@ CHOICES_FORMAT = "{question}\n\nChoices:\n(A) {A}\n(B) {B}"
 LETTERS = ("A", "B")
 
 
+def plain_ab_prompt(row: Mapping[str, str]) -> str:
+    """Row -> prompt without a chat template: ``Question: <question and choices>\\nAnswer: (``."""
+    return plain_prompt(CHOICES_FORMAT.format(question=row["question"], A=row["A"], B=row["B"])) + " ("
+
+
 def chat_ab_prompt(tokenizer, system_prompt: str | None = None) -> Callable[[Mapping[str, str]], str]:
     """Row -> prompt: the question with its choices in the tokenizer's chat template, then ``(``.
 
-    Without a chat template: ``Question: ...\\nAnswer: (``.
+    Without a chat template: `plain_ab_prompt`.
     """
 
     def format_prompt(row: Mapping[str, str]) -> str:
@@ -40,7 +45,7 @@ def chat_ab_prompt(tokenizer, system_prompt: str | None = None) -> Callable[[Map
                 messages.insert(0, {"role": "system", "content": system_prompt})
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return text + " ("
-        return plain_prompt(user) + " ("
+        return plain_ab_prompt(row)
 
     return format_prompt
 

@@ -17,16 +17,16 @@ from peft_steer.data import (
     PairFormatter,
     load_behavior,
     load_preference_data,
-    plain_prompt,
     read_behavior_rows,
 )
 from peft_steer.data.files import read_source
 from peft_steer.evaluate import (
-    CHOICES_FORMAT,
     ab_score,
     answer_preference,
     chat_ab_prompt,
     generate_sweep,
+    matching_letters,
+    plain_ab_prompt,
     score_table,
     side_by_side,
 )
@@ -124,7 +124,7 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
 def _ab_format(args: argparse.Namespace, tokenizer: Any) -> Any:
     """Row -> A/B prompt ending in ``(``: in the chat template, or plain with --no-chat-template."""
     if args.no_chat_template:
-        return lambda row: plain_prompt(CHOICES_FORMAT.format(question=row["question"], A=row["A"], B=row["B"])) + " ("
+        return plain_ab_prompt
     return chat_ab_prompt(tokenizer, None if args.no_system_prompt else args.system_prompt)
 
 
@@ -144,11 +144,10 @@ def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
         if args.behavior
         else [row.values for row in read_source(args.data)]
     )
-    columns = ("question", "A", "B", "matching")
-    for number, row in enumerate(rows, start=1):
-        missing = [column for column in columns if column not in row]
-        if missing:
-            raise CommandError(f"--data {args.data}, row {number}: no column(s) {', '.join(missing)} for --metric ab.")
+    try:
+        matching_letters(rows, f"--metric ab on {args.data or args.behavior}")  # the columns and letters of every row
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     return _limited(rows, args.limit, "questions")
 
 
