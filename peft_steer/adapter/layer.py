@@ -52,6 +52,11 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
         # prepend=True: run before transformers' own output-recording hooks, so hidden states show the steered value.
         self._hook = block.register_forward_hook(self._steer_block_output, prepend=True)
 
+    @property
+    def tuner(self) -> SteeringState:
+        """The `SteeringModel` that owns this layer and holds its vectors."""
+        return self._tuner
+
     def remove(self) -> None:
         """Take the hook off the block (used by ``unload``)."""
         self._hook.remove()
