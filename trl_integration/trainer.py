@@ -178,8 +178,7 @@ class SteerTrainer(DPOTrainer):
         count = len(dataset) if isinstance(dataset, Dataset) else None
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         self.prefix_plan.add_dataset(prepared, args, dataset_name)
-        # stacklevel 5: warn_about_length, this method, DPOTrainer.__init__, SteerTrainer.__init__, the user's call
-        warn_about_length(prepared, count, args, dataset_name, stacklevel=5)
+        warn_about_length(prepared, count, args, dataset_name)
         return prepared
 
     # A data set given to `evaluate` is checked and formatted as those given to `SteerTrainer(...)` are.
