@@ -93,7 +93,8 @@ def checked_checkpoint(requested: str | bool, output_dir: str, option: str, last
         return path, skipped
     if os.path.isdir(requested) and not is_complete_checkpoint(requested):
         raise ValueError(
-            f"{option}: {incomplete(requested)}; resume from an earlier checkpoint, or {last} for the last complete one."
+            f"{option}: {incomplete(requested)}; resume from an earlier checkpoint, or {last} for the last complete "
+            "one."
         )
     return requested, []
 

@@ -38,7 +38,9 @@ def read_records(
                     with open(path, "r+b") as file:
                         file.truncate(kept_bytes)
                 break
-            raise ValueError(f"{path}, line {number}: not a {what} record; remove the file or choose another.") from None
+            raise ValueError(
+                f"{path}, line {number}: not a {what} record; remove the file or choose another."
+            ) from None
         records.append(record)
         kept_bytes += len(line) + 1
     return records

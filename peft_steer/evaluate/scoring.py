@@ -66,10 +66,10 @@ def scored_batches(
 
     Sequences are sorted by length (less padding) and padded on the right with ``pad_id`` (masked, never read). A
     steering adapter with ``positions='completion'`` is told that sequence ``i``'s prompt ends at ``prompt_ends[i]``.
-    The LM head runs on the columns ``read[i] = (first, end)`` of each row only; ``score(rows, input_ids, keep,
-    logits)`` gets the indices of the batch's sequences, the batch on the model's device, the ``[rows, width]`` bool mask of those columns, and their logits
-    ``[kept, vocab]`` in row-major order, and returns ``[rows]`` (``columns=0``) or ``[rows, columns]`` scores. The
-    model runs in eval mode and goes back to its own mode after.
+    The LM head runs on the columns ``read[i] = (first, end)`` of each row only. ``score(rows, input_ids, keep,
+    logits)`` gets the indices of the batch's sequences, the batch on the model's device, the ``[rows, width]``
+    bool mask of the columns read, and their logits ``[kept, vocab]`` in row-major order; it returns ``[rows]``
+    (``columns=0``) or ``[rows, columns]`` scores. The model runs in eval mode and goes back to its own mode after.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")

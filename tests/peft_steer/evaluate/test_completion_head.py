@@ -11,8 +11,8 @@ from torch import nn
 import peft_steer
 import peft_steer.evaluate.scoring as scoring
 from peft_steer import SteeringConfig
-from peft_steer.evaluate.scoring import logits_at
 from peft_steer.evaluate import completion_log_probs
+from peft_steer.evaluate.scoring import logits_at
 from tests.conftest import ARCHITECTURES, make_model
 
 PROMPTS = [
