@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import checked_multiplier
-from .context import Multiplier, strengths
+from .context import Multiplier, prompt_ends, strengths
 from .model import SteeringModel, check_vector
 
 
@@ -128,5 +128,5 @@ def prompt_lengths(model: nn.Module, lengths: torch.Tensor) -> Iterator[None]:
     predicts the first completion token) and every column after it. ``generate`` does this by itself. Like
     ``steering()``, the block belongs to the calling thread or asyncio task only.
     """
-    with steering_model(model).prompt_lengths(lengths):
+    with prompt_ends(steering_model(model), lengths):
         yield

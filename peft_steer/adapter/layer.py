@@ -10,21 +10,19 @@ from torch import nn
 
 from ._peft_compat import data_parallel_replica
 from .blocks import hidden_of, with_hidden
-from .context import adopted, caller_state
+from .context import adopted, caller_state, completion_mask
 
 CHILD = "steer"  # name of the SteeringLayer child of a block; must not contain the prefix (PEFT skips those)
 
 
 class SteeringState(Protocol):
     """What a layer reads from the `SteeringModel` that owns it: the vectors and configs of every adapter, the
-    strength each has for the caller, and where the prompt ends (for ``positions='completion'``)."""
+    strength each has for the caller (where each prompt ends is the caller's too: `context.completion_mask`)."""
 
     steering_vectors: nn.ModuleDict
     peft_config: dict[str, Any]
 
     def multiplier_of(self, adapter_name: str) -> float | torch.Tensor: ...
-
-    def completion_mask(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 class SteeringLayer(nn.Module, BaseTunerLayer):
@@ -94,7 +92,7 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
             vector = vectors[str(self.block_index)].to(hidden.device, torch.float32)
             term = _scale(vector, tuner.multiplier_of(name), hidden)
             if tuner.peft_config[name].positions == "completion":
-                term = term * tuner.completion_mask(hidden)[..., None]
+                term = term * completion_mask(tuner, hidden)[..., None]
             total = term if total is None else total + term
         return None if total is None else total.to(hidden.dtype)
 
