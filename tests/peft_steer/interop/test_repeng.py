@@ -33,6 +33,7 @@ def test_the_import_leaves_numpy_as_it_was():
     assert repeng.ControlVector.__mul__  # imported whole
     assert hasattr(np, "float_") == (np.lib.NumpyVersion(np.__version__) < "2.0.0")  # the alias was for repeng only
 
+
 TOLERANCE = 1e-5  # the same float32 additions at the same place: measured 0.0 on CPU
 DATASET = [(f"I love question {i} and gladly say yes", f"I hate question {i} and flatly say no") for i in range(8)]
 
