@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ __all__ = [
     "empty_loading_info",
     "first_column",
     "own_peft_config",
+    "quiet_optional_kernel_notices",
     "route_load_adapter",
     "routes_load_adapter",
     "saved_vector_key",
@@ -349,3 +351,41 @@ def takes_logits_mask(model: nn.Module) -> bool:
     slicer = getattr(inspect.getmodule(type(base)), "slice_logits_to_keep", None)
     masks = slicer is not None and slicer is getattr(modeling_utils, "slice_logits_to_keep", None)
     return masks and "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
+# bitsandbytes, which PEFT's LoRA layers and transformers' 4-bit / 8-bit loading import, tries at its import on CPUs
+# with AVX512-BF16 (bitsandbytes 0.50, `backends/cpu/ops.py`) to fetch an optional faster kernel from the hub
+# repository below through the `kernels` package, and logs why it could not: online, "could not verify publisher
+# trust status" (kernels refuses an unlisted publisher); offline, kernels' own "Skipping publisher trust check" and then
+# "not available in the local cache". bitsandbytes then uses its own kernel: nothing is wrong, and the user asked for
+# none of it. Only these messages about this repository are dropped; any other failure, and every other message, passes.
+_OPTIONAL_KERNEL = "kernels-community/quantization-bitsandbytes"
+_DROPPED = {
+    "bitsandbytes.backends.cpu.ops": (
+        "Failed to load CPU gemm_4bit_forward from kernels-community: ",
+        (f"'{_OPTIONAL_KERNEL}' could not verify publisher trust status", "is not available in the local cache"),
+    ),
+    "kernels._internals.hf_hub": (f"Skipping publisher trust check for '{_OPTIONAL_KERNEL}'", ("",)),
+}
+
+
+class _OptionalKernelNotice(logging.Filter):
+    """Drops a logger's notices about bitsandbytes' optional CPU kernel (`_DROPPED`)."""
+
+    def __init__(self, start: str, causes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.start, self.causes = start, causes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        dropped = message.startswith(self.start) and _OPTIONAL_KERNEL in message
+        return not (dropped and any(cause in message for cause in self.causes))
+
+
+def quiet_optional_kernel_notices() -> None:
+    """Keep bitsandbytes' notices about its optional hub kernel off the user's screen (idempotent). Takes effect for
+    a bitsandbytes imported after ``import peft_steer``, as PEFT and transformers import it."""
+    for name, (start, causes) in _DROPPED.items():
+        logger = logging.getLogger(name)
+        if not any(type(existing).__name__ == _OptionalKernelNotice.__name__ for existing in logger.filters):
+            logger.addFilter(_OptionalKernelNotice(start, causes))
