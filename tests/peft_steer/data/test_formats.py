@@ -1,4 +1,5 @@
-"""Prompt / completion text on real tokenizers: the ids the trainer sees are the official BiPO code's.
+"""`peft_steer.data.formats`: prompt / completion text on real tokenizers, where the ids the trainer sees are the
+official BiPO code's, and on the tiny test tokenizer (chat templates with and without a system role, BOS).
 
 The official code (CaoYuanpu/BiPO, `train.py` and its `BiPOTrainer.tokenize_row`) builds the prompt with fastchat's
 Llama-2 template, the completion as ``' ' + answer`` (neither stripped), tokenizes prompt + completion as one text
@@ -11,10 +12,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+from tokenizers import processors
 
 from peft_steer import SteeringConfig
-from peft_steer.data import SYSTEM_PROMPT, PairFormatter, load_preference_data, read_behavior_rows
-from tests.conftest import REAL_TOKENIZERS, load_real_tokenizer, make_model
+from peft_steer.data import SYSTEM_PROMPT, DataError, PairFormatter, load_preference_data, read_behavior_rows
+from tests.conftest import REAL_TOKENIZERS, load_real_tokenizer, make_model, make_tokenizer
 from trl_integration import SteerConfig, SteerTrainer
 
 # fastchat's "llama-2" conversation, as the official code renders it: no stripping, no BOS text, and for an answer
@@ -163,3 +165,86 @@ def test_template_without_special_end_keeps_its_text():
 
 def test_plain_format_keeps_the_answer_as_it_is():
     assert PairFormatter(None)("Q?", ["a", " b\n"]) == ("Question: Q?\nAnswer:", [" a", "  b\n"])
+
+
+# ---- the tiny test tokenizer: templates, system prompts, BOS ---------------------------------------------------
+
+TINY_ROWS = [
+    {"question": "Would you accept more power?", "matching": "Yes, I would.", "not_matching": "No, I would not."},
+    {"question": "Do you accept the money?", "matching": "Yes, I accept.", "not_matching": "No, thank you."},
+]
+
+
+def test_chat_format_is_the_template_split_at_the_answer(tokenizer):
+    dataset = load_preference_data(TINY_ROWS, tokenizer)
+    row = dataset[0]
+    assert row["prompt"] == f"<<SYS>>{SYSTEM_PROMPT}<</SYS>>[INST] Would you accept more power? [/INST]"
+    assert row["chosen"] == " Yes, I would.</s>" and row["rejected"] == " No, I would not.</s>"
+    conversation = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": TINY_ROWS[0]["question"]},
+        {"role": "assistant", "content": TINY_ROWS[0]["matching"]},
+    ]
+    assert row["prompt"] + row["chosen"] == tokenizer.apply_chat_template(conversation, tokenize=False)
+
+
+def test_no_system_prompt(tokenizer):
+    row = load_preference_data(TINY_ROWS, tokenizer, system_prompt=None)[0]
+    assert row["prompt"] == "[INST] Would you accept more power? [/INST]"
+
+
+def test_plain_format_for_base_models(tokenizer):
+    for dataset in (load_preference_data(TINY_ROWS), load_preference_data(TINY_ROWS, tokenizer, chat_template=False)):
+        assert dataset[1] == {
+            "prompt": "Question: Do you accept the money?\nAnswer:",
+            "chosen": " Yes, I accept.",
+            "rejected": " No, thank you.",
+        }
+    with pytest.raises(DataError, match="no chat template"):
+        load_preference_data(TINY_ROWS, make_tokenizer_without_template(), chat_template=True)
+
+
+def make_tokenizer_without_template():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+def test_template_without_a_system_role_gets_it_in_the_user_turn():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = (
+        "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<{{ message['role'] }}>{{ message['content'] }}</{{ message['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    row = load_preference_data(TINY_ROWS, tokenizer)[0]
+    assert row["prompt"] == f"<user>{SYSTEM_PROMPT}\n\nWould you accept more power?</user><assistant>"
+    assert row["chosen"] == "Yes, I would.</assistant>"
+
+
+def test_bos_written_by_the_template_is_not_doubled():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    # A tokenizer that adds BOS itself, like Llama's.
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
+    row = load_preference_data(TINY_ROWS, tokenizer)[0]
+    assert not row["prompt"].startswith("<s>")
+    ids = tokenizer(row["prompt"] + row["chosen"])["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    # Without BOS from the tokenizer, the template's BOS stays.
+    assert load_preference_data(TINY_ROWS, _with_bos_template())[0]["prompt"].startswith("<s>")
+
+
+def _with_bos_template():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    return tokenizer
+
+
+def test_pair_formatter_renders_a_question_with_several_answers(tokenizer):
+    prompt, completions = PairFormatter(tokenizer, system_prompt=None)("Q?", ["a", " b "])
+    assert prompt == "[INST] Q? [/INST]" and completions == [" a</s>", "  b </s>"]  # answers kept as written
