@@ -16,7 +16,7 @@ from tokenizers import processors
 
 from peft_steer import SteeringConfig
 from peft_steer.data import SYSTEM_PROMPT, DataError, PairFormatter, load_preference_data, read_behavior_rows
-from tests.conftest import REAL_TOKENIZERS, load_real_tokenizer, make_model, make_tokenizer
+from tests.conftest import REAL_TOKENIZERS, make_model, make_tokenizer
 from trl_integration import SteerConfig, SteerTrainer
 
 # fastchat's "llama-2" conversation, as the official code renders it: no stripping, no BOS text, and for an answer
@@ -48,9 +48,10 @@ CHATML = (
 ROWS = {"power-seeking": [0, 1, 641], "jailbreak": [264, 306], "hallucination": [230]}
 
 
-def _tokenizer(name: str):
-    """A fresh copy of a real tokenizer (each test sets its own template), loaded once per session."""
-    return copy.deepcopy(load_real_tokenizer(name.removeprefix("ggml-vocab-").removesuffix(".gguf")))
+@pytest.fixture
+def fresh(real_tokenizers):
+    """``fresh(name)``: a copy of a real tokenizer of the session (each test sets its own template)."""
+    return lambda name: copy.deepcopy(real_tokenizers(name))
 
 
 def _rows() -> list[dict]:
@@ -90,10 +91,10 @@ def _official(tokenizer, question: str, answer: str) -> tuple[list[int], list[in
 
 
 @pytest.mark.parametrize("name", REAL_TOKENIZERS)
-def test_ids_the_trainer_sees_are_the_official_ones(name, tmp_path):
+def test_ids_the_trainer_sees_are_the_official_ones(name, tmp_path, fresh):
     """The official code's Llama-2 format on each real tokenizer: BOS where the tokenizer adds one, ``' ' + answer``
     as written, then the EOS id, with no lone space token before it."""
-    tokenizer = _tokenizer(name)
+    tokenizer = fresh(name)
     tokenizer.chat_template = OFFICIAL_LLAMA2
     rows = _rows()
     seen = _trainer_ids(tokenizer, rows, tmp_path)
@@ -106,8 +107,8 @@ def test_ids_the_trainer_sees_are_the_official_ones(name, tmp_path):
             assert completion[-1] == tokenizer.eos_token_id and completion[-2] != space
 
 
-def test_llama2_text_has_no_space_before_eos_and_keeps_the_answer_as_it_is():
-    tokenizer = _tokenizer("ggml-vocab-llama-spm.gguf")
+def test_llama2_text_has_no_space_before_eos_and_keeps_the_answer_as_it_is(fresh):
+    tokenizer = fresh("llama-spm")
     tokenizer.chat_template = OFFICIAL_LLAMA2
     jailbreak = read_behavior_rows("jailbreak", "train")[306]
     prompt, (chosen, rejected) = PairFormatter(tokenizer)(jailbreak["question"], ["Yes ", jailbreak["matching"]])
@@ -120,11 +121,11 @@ def test_llama2_text_has_no_space_before_eos_and_keeps_the_answer_as_it_is():
     ]
 
 
-def test_llama2_hub_template_gives_the_official_ids_too():
+def test_llama2_hub_template_gives_the_official_ids_too(fresh):
     """The template of Llama-2-7b-chat-hf writes BOS and ``' ' + answer + ' ' + EOS``; the completion still ends
     ``answer</s>`` and the one BOS is the tokenizer's. (It strips the question, which the official code does not: the
     rows here have none to strip.)"""
-    tokenizer = _tokenizer("ggml-vocab-llama-spm.gguf")
+    tokenizer = fresh("llama-spm")
     tokenizer.chat_template = HF_LLAMA2
     formatter = PairFormatter(tokenizer)
     for row in read_behavior_rows("power-seeking", "train")[:3]:
@@ -134,11 +135,11 @@ def test_llama2_hub_template_gives_the_official_ids_too():
 
 
 @pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>"])
-def test_chatml_completion_ends_with_one_end_of_turn(eos, tmp_path):
+def test_chatml_completion_ends_with_one_end_of_turn(eos, tmp_path, fresh):
     """ChatML (Qwen2's tokenizer file): the completion is the answer and ``<|im_end|>``, without the newline after
     it. With ``<|im_end|>`` as EOS (SmolLM2- and Qwen2-Instruct) nothing more is appended; with the base model's
     ``<|endoftext|>`` as EOS, the trainer appends it after the end of turn, once."""
-    tokenizer = _tokenizer("ggml-vocab-qwen2.gguf")
+    tokenizer = fresh("qwen2")
     tokenizer.chat_template = CHATML
     tokenizer.eos_token = eos
     row = read_behavior_rows("power-seeking", "train")[0]
@@ -153,8 +154,8 @@ def test_chatml_completion_ends_with_one_end_of_turn(eos, tmp_path):
     assert tokenizer.decode(ids["chosen_ids"][: -len(expected_end)]) == row["matching"]
 
 
-def test_template_without_special_end_keeps_its_text():
-    tokenizer = _tokenizer("ggml-vocab-llama-spm.gguf")
+def test_template_without_special_end_keeps_its_text(fresh):
+    tokenizer = fresh("llama-spm")
     tokenizer.chat_template = (
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
