@@ -77,7 +77,8 @@ def written_whole(
 def _naming(error: OSError, destination: str) -> OSError:
     # The error names the temporary path, which is gone: name the output instead (the errno keeps its subclass, e.g.
     # FileExistsError).
-    return OSError(error.errno, f"writing {destination} failed, nothing was written: {error.strerror or error}")
+    text = f"writing {destination} failed, nothing was written: {error.strerror or error}"
+    return OSError(error.errno, text) if error.errno is not None else OSError(text)
 
 
 def _remove(path: str) -> None:
