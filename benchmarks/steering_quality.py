@@ -14,7 +14,7 @@ import os
 
 from peft_steer.evaluate import plot_steering_curve
 from peft_steer.organism import BEHAVIORS
-from trl_integration.demo import steering_comparison
+from trl_integration.organism_demo import steering_comparison
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "results")
 

@@ -26,8 +26,10 @@ from .adapter import (
     steering,
     steering_model,
 )
+from .adapter._peft_compat import quiet_optional_kernel_notices
 
 register()
+quiet_optional_kernel_notices()
 
 __version__ = "0.1.0"
 

@@ -28,14 +28,34 @@ REAL_TOKENIZERS = ["llama-spm", "phi-3", "llama-bpe", "qwen2", "gpt-2"]
 
 
 @functools.cache
-def load_real_tokenizer(name: str):
-    """One of REAL_TOKENIZERS (the real tokenizers of Llama-2, Phi-3, Llama-3, Qwen2, GPT-2), loaded once per session:
-    Llama-3's and Qwen2's take 15-20 s each. Skips the test when the file or the gguf package is missing."""
+def _load_real_tokenizer(name: str):
+    """One of REAL_TOKENIZERS, read from its vocabulary-only GGUF file; tests take it from the `real_tokenizers` and
+    `real_tokenizer` fixtures. Skips the test when the file or the gguf package is missing."""
     path = TOKENIZER_DIR / f"ggml-vocab-{name}.gguf"
     if not path.exists():
         pytest.skip(f"{path} is not here")
     pytest.importorskip("gguf")
     return transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    """``load(name)``: one of REAL_TOKENIZERS (the real tokenizers of Llama-2, Phi-3, Llama-3, Qwen2, GPT-2), each
+    loaded once per session (Llama-3's and Qwen2's take 15-20 s) and shared: a test that changes one takes a copy."""
+    return _load_real_tokenizer
+
+
+@pytest.fixture(scope="session", params=REAL_TOKENIZERS)
+def real_tokenizer(request, real_tokenizers):
+    """``(name, tokenizer)`` for each of the five real tokenizers, each loaded once per session."""
+    return request.param, real_tokenizers(request.param)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that loads real tokenizers is slow (`pytest -m "not slow"` leaves it out)."""
+    for item in items:
+        if {"real_tokenizer", "real_tokenizers"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @functools.cache

@@ -101,3 +101,27 @@ def test_no_module_over_400_lines():
         if (n := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not long
+
+
+COMPAT_MODULES = (
+    "peft_steer/adapter/_peft_compat.py",
+    "trl_integration/_trl_compat.py",
+    "trl_integration/_accelerate_compat.py",
+)
+
+
+@pytest.mark.parametrize("relative", COMPAT_MODULES)
+def test_a_compat_module_lists_what_it_offers_first(relative):
+    """Where library internals are touched, ``__all__`` comes before the first definition and names every public one,
+    so that a reader sees at the top what the rest of the package relies on."""
+    tree = ast.parse((ROOT / relative).read_text(encoding="utf-8"))
+    body = [node for node in tree.body if not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr))]
+    declared = [node for node in body if isinstance(node, ast.Assign) and _names(node) == ["__all__"]]
+    assert declared and body.index(declared[0]) == 0, f"{relative}: __all__ is not its first statement"
+    public = {node.name for node in body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    public |= {name for node in body if isinstance(node, ast.Assign) for name in _names(node) if name.isupper()}
+    assert sorted(name for name in public if not name.startswith("_")) == sorted(ast.literal_eval(declared[0].value))
+
+
+def _names(node: ast.Assign) -> list[str]:
+    return [target.id for target in node.targets if isinstance(target, ast.Name)]

@@ -1,12 +1,8 @@
-"""Small helpers about the running process, shared by the trainer and the prefix plan."""
+"""The process's free host memory, shared by the prefix cache and the prefix plan."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-
-from torch import nn
 
 
 def free_host_memory() -> int | None:
@@ -15,14 +11,3 @@ def free_host_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode for the time of the block, then back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

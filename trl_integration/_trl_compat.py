@@ -19,6 +19,20 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import TrlParser
 
+__all__ = [
+    "checkpoints",
+    "close_progress_bars",
+    "completion_logps",
+    "completion_token_logps",
+    "drop_input_grads",
+    "is_complete_checkpoint",
+    "no_ref_adapter",
+    "prepare_inputs",
+    "record_metrics",
+    "trl_parser_options",
+    "update_steps_per_epoch",
+]
+
 
 @contextmanager
 def no_ref_adapter(model: PeftModel, adapter_name: str) -> Iterator[None]:

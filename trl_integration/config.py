@@ -204,15 +204,50 @@ class SteerConfig(DPOConfig):
         return steps
 
 
+# SteerConfig field -> the numbers it takes: a NaN or infinite one ends in a NaN vector or an error deep inside the
+# Trainer, and 0 epochs or a learning rate of 0 in an untrained vector saved as if trained. Steps below 1 are a fraction
+# of all steps (TrainingArguments reads them so). `peft-steer train` checks its options by the same rules.
+NUMBER_RULES = {
+    "learning_rate": "above 0",
+    "beta": "above 0",
+    "num_train_epochs": "above 0",
+    "warmup_steps": "0 or more",
+    "weight_decay": "0 or more",
+    "per_device_train_batch_size": "count",
+    "gradient_accumulation_steps": "count",
+    "max_length": "count",
+    "save_steps": "steps",
+    "logging_steps": "steps",
+    "max_steps": "run",
+}
+
+
+def number_problem(name: str, value: float | None, epochs: str = "num_train_epochs") -> str | None:
+    """Why ``value`` cannot be the number ``name`` of `NUMBER_RULES`, or None when it can (None: left unset).
+    ``epochs`` names the epochs setting in the text."""
+    rule = NUMBER_RULES[name]
+    if value is None:
+        return None
+    if rule == "above 0" and not (math.isfinite(value) and value > 0):
+        return "must be a finite number above 0"
+    if rule == "0 or more" and not (math.isfinite(value) and value >= 0):
+        return "must be a finite number, 0 or more"
+    if rule == "count" and value < 1:
+        return "must be a whole number, 1 or more"
+    if rule == "steps" and not (0 < value < 1 or (value >= 1 and float(value).is_integer())):
+        return "must be a whole number, 1 or more (or a fraction of all steps, below 1)"
+    if rule == "run" and value != -1 and value < 1:
+        return f"must be a whole number, 1 or more (or -1: train for {epochs})"
+    return None
+
+
 def _check_numbers(config: SteerConfig) -> None:
-    """Refuse the numbers a run cannot train with: they would end in a NaN vector, saved as if trained, or in an
-    error deep inside the Trainer after ``output_dir`` exists."""
-    for name in ("learning_rate", "beta", "num_train_epochs", "warmup_steps", "weight_decay"):
+    """Refuse the numbers a run cannot train with (`NUMBER_RULES`), before ``output_dir`` exists."""
+    for name in NUMBER_RULES:
         value = getattr(config, name)
-        if not math.isfinite(value):
-            raise ValueError(f"SteerConfig({name}={value}) must be a finite number.")
-    if config.beta <= 0:
-        raise ValueError(f"SteerConfig(beta={config.beta}) must be positive.")
+        problem = number_problem(name, value)
+        if problem is not None:
+            raise ValueError(f"SteerConfig({name}={value}) {problem}.")
     horizon = config.schedule_epochs
     if horizon is not None and not (math.isfinite(horizon) and horizon > 0):
         raise ValueError(f"SteerConfig(schedule_epochs={horizon}) must be a positive number of epochs, or None.")
@@ -221,8 +256,4 @@ def _check_numbers(config: SteerConfig) -> None:
         raise ValueError(
             f"SteerConfig(schedule_epochs={horizon:g}) is shorter than num_train_epochs={config.num_train_epochs:g}: "
             "the schedule must last at least as long as the training (None: it ends with the training)."
-        )
-    if config.per_device_train_batch_size < 1:
-        raise ValueError(
-            f"SteerConfig(per_device_train_batch_size={config.per_device_train_batch_size}) must be at least 1."
         )

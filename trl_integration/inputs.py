@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import peft_steer
 from peft_steer import SteeringConfig, SteeringModel
+from peft_steer.caller import warn_at_caller
 from peft_steer.data import DataError, check_preference_dataset
 
 from .config import SteerConfig
@@ -188,9 +189,9 @@ def trained_adapter(tuner: SteeringModel) -> str:
     return name
 
 
-def warn_about_length(prepared: Any, count: int | None, args: SteerConfig, dataset_name: str, stacklevel: int) -> None:
+def warn_about_length(prepared: Any, count: int | None, args: SteerConfig, dataset_name: str) -> None:
     """After TRL's tokenization: refuse a data set whose prompts all reach ``max_length``, and warn with the number
-    of pairs dropped (prompt alone too long) and truncated. ``stacklevel`` points the warnings at the user's call."""
+    of pairs dropped (prompt alone too long) and truncated, at the user's line that started it."""
     if count is None or args.max_length is None or "prompt_ids" not in prepared.column_names:
         return
     dropped = count - len(prepared)
@@ -202,16 +203,12 @@ def warn_about_length(prepared: Any, count: int | None, args: SteerConfig, datas
     columns = zip(prepared["prompt_ids"], prepared["chosen_ids"], prepared["rejected_ids"])
     long = sum(len(prompt) + max(len(chosen), len(rejected)) > args.max_length for prompt, chosen, rejected in columns)
     if dropped:
-        warnings.warn(
+        warn_at_caller(
             f"{dataset_name} dataset: dropped {dropped} of {count} pairs whose prompt alone is at least "
-            f"max_length={args.max_length} tokens (no completion token would be left).",
-            UserWarning,
-            stacklevel=stacklevel,
+            f"max_length={args.max_length} tokens (no completion token would be left)."
         )
     if long:
-        warnings.warn(
+        warn_at_caller(
             f"{dataset_name} dataset: {long} of {count} pairs are longer than max_length={args.max_length} tokens "
-            f"and are truncated to it ({args.truncation_mode}: the end of the completion is cut).",
-            UserWarning,
-            stacklevel=stacklevel,
+            f"and are truncated to it ({args.truncation_mode}: the end of the completion is cut)."
         )

@@ -14,6 +14,8 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from peft_steer.staging import written_whole
+
 from ._trl_compat import checkpoints, is_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -35,25 +37,16 @@ def staged_folder(path: str, writer: bool = True) -> Iterator[str]:
     are given the same folder and move nothing.
     """
     path = os.path.abspath(path)
+    # One name every process knows; one left by a process killed while it saved is removed first.
     staging = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{STAGING_SUFFIX}")
-    if writer:
-        _prepare(staging, path)
-    try:
+    if not writer:
         yield staging
-    except BaseException:
-        if writer:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if writer:
-        _move_into_place(staging, path)
-
-
-def _prepare(staging: str, path: str) -> None:
-    shutil.rmtree(staging, ignore_errors=True)  # left by a process killed while it saved
-    os.makedirs(staging)
-    card = os.path.join(path, "README.md")
-    if os.path.isfile(card):
-        shutil.copy2(card, staging)
+        return
+    with written_whole(path, folder=True, staging=staging, publish=_move_into_place):
+        card = os.path.join(path, "README.md")
+        if os.path.isfile(card):
+            shutil.copy2(card, staging)
+        yield staging
 
 
 def _move_into_place(staging: str, path: str) -> None:
@@ -78,22 +71,32 @@ def resume_checkpoint(requested: str | bool | None, output_dir: str) -> str | No
     ``output_dir`` (logged, with the newer ones skipped because they were cut off while being written)."""
     if requested is None or requested is False:
         return None
-    if requested is not True:
-        if os.path.isdir(requested) and not is_complete_checkpoint(requested):
-            raise ValueError(
-                f"resume_from_checkpoint={requested!r}: {incomplete(requested)}; resume from an earlier checkpoint, or "
-                "pass True for the last complete one."
-            )
-        return requested
-    path, skipped = last_complete_checkpoint(output_dir)
-    if path is None:
-        raise ValueError(
-            f"resume_from_checkpoint=True: no complete checkpoint in {output_dir}"
-            + (f" ({'; '.join(incomplete(folder) for folder in skipped)})." if skipped else ".")
-        )
-    log = logger.warning if skipped else logger.info
-    log("%s", resuming_from(path, skipped))
+    option = "resume_from_checkpoint=True" if requested is True else f"resume_from_checkpoint={requested!r}"
+    path, skipped = checked_checkpoint(requested, output_dir, option, "pass True")
+    if requested is True:
+        log = logger.warning if skipped else logger.info
+        log("%s", resuming_from(path, skipped))
     return path
+
+
+def checked_checkpoint(requested: str | bool, output_dir: str, option: str, last: str) -> tuple[str, list[str]]:
+    """``(checkpoint, skipped)``: ``requested`` if it is no incomplete checkpoint, or for ``True`` the last complete one
+    of ``output_dir`` and the incomplete ones newer than it. A ValueError starts with ``option`` (the setting as the
+    user gave it) and says to ``last`` for the last complete one."""
+    if requested is True:
+        path, skipped = last_complete_checkpoint(output_dir)
+        if path is None:
+            raise ValueError(
+                f"{option}: no complete checkpoint in {output_dir}"
+                + (f" ({'; '.join(incomplete(folder) for folder in skipped)})." if skipped else ".")
+            )
+        return path, skipped
+    if os.path.isdir(requested) and not is_complete_checkpoint(requested):
+        raise ValueError(
+            f"{option}: {incomplete(requested)}; resume from an earlier checkpoint, or {last} for the last complete "
+            "one."
+        )
+    return requested, []
 
 
 def last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_steer.adapter.blocks import find_block_list
+from peft_steer.adapter.blocks import find_block_list, reading_output
 
 from ._accelerate_compat import has_offload_hook
 from ._runtime import free_host_memory
@@ -31,10 +31,6 @@ logger = logging.getLogger(__name__)
 
 STORAGES = ("auto", "device", "cpu", "disk", "off")
 DROPOUT_OPTIONS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout")
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook: the blocks after L are not needed to fill the cache."""
 
 
 def fallback_reason(inner_model: nn.Module, block: int) -> str | None:
@@ -132,24 +128,20 @@ class PrefixCache:
     @contextmanager
     def capturing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, stop: bool = False) -> Iterator[None]:
         """Store block L's output for the rows of this forward that are not cached yet. With ``stop``, the forward
-        ends after block L (catch nothing: ``fill`` does it). Use it only while steering is disabled."""
+        ends after block L, and the ``with`` block with it (`reading_output`). Use it only while steering is
+        disabled."""
         keys = self.keys(input_ids, attention_mask)
         lengths = attention_mask.sum(dim=1).tolist()
 
-        def capture(module, args, output):
-            if not isinstance(output, torch.Tensor):
+        def capture(output: torch.Tensor) -> None:
+            if not isinstance(output, torch.Tensor):  # `replay` stands in a tensor for the block's whole output
                 raise TypeError(f"block {self.block} returns a {type(output).__name__}, not a tensor")
             for row, key in enumerate(keys):
                 if key not in self.entries:
                     self._put(key, output[row, : lengths[row]])
-            if stop:
-                raise _StopForward
 
-        handle = self.blocks[self.block].register_forward_hook(capture)
-        try:
+        with reading_output(self.blocks[self.block], capture, stop=stop):
             yield
-        finally:
-            handle.remove()
 
     @torch.no_grad()
     def fill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, base_only) -> None:
@@ -159,10 +151,7 @@ class PrefixCache:
             return
         ids, mask = input_ids[rows], attention_mask[rows]
         with base_only, self.capturing(ids, mask, stop=True):
-            try:
-                self.inner_model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
+            self.inner_model(input_ids=ids, attention_mask=mask, use_cache=False)
 
     # ---- replaying -------------------------------------------------------------------------------------------
 

@@ -51,6 +51,10 @@ def offload_blocker(inner_model: nn.Module, block: int) -> str | None:
     return None
 
 
+class OffloadWriteError(OSError):
+    """The blocks could not be written to their file (a full disk, a folder without write access)."""
+
+
 class OffloadedBlocks:
     """The weights of blocks 0..``block``, moved to ``destination`` ('cpu' or 'disk') by `offload` until `restore`.
 
@@ -112,7 +116,7 @@ class OffloadedBlocks:
                 self._file.flush()
             except OSError as error:
                 self._release()
-                raise OSError(
+                raise OffloadWriteError(
                     f"Could not write blocks 0..{self.block} ({self.nbytes / 2**20:.1f} MiB) to {folder}: {error}. "
                     "Set SteerConfig(prefix_cache_dir=...) to a folder with room, or offload_prefix_blocks='off'."
                 ) from error

@@ -23,11 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from peft_steer import SteeringConfig
+from peft_steer.evaluate.scoring import eval_mode
 
-from ._runtime import eval_mode, free_host_memory
+from ._runtime import free_host_memory
 from .config import SteerConfig
 from .prefix_cache import PrefixCache, choose_storage, estimate_bytes, fallback_reason
-from .prefix_offload import OffloadedBlocks, destination_for, offload_blocker
+from .prefix_offload import OffloadedBlocks, OffloadWriteError, destination_for, offload_blocker
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ class PrefixPlan:
         device = next(self.inner_model.parameters()).device
         destination = destination_for(requested, device)
         offloaded, reason = self._offloader(args, destination)
+        write_failed = False  # a file that could not be written is worth a warning even under 'auto'
         if offloaded is not None:
             fill_every_sequence()
             try:
@@ -163,10 +165,10 @@ class PrefixPlan:
             except OSError as error:
                 if requested != "auto":
                     raise
-                offloaded, reason = None, str(error)
+                offloaded, reason, write_failed = None, str(error), isinstance(error, OffloadWriteError)
         if offloaded is None:
             if reason is not None and requested != "off":
-                log = logger.warning if requested != "auto" or "Could not write" in reason else logger.info
+                log = logger.warning if requested != "auto" or write_failed else logger.info
                 log("Blocks 0..%d stay on %s: %s.", self.block, device, reason)
             yield
             return

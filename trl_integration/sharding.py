@@ -25,7 +25,13 @@ import torch
 from accelerate.utils import parse_flag_from_env
 from torch import nn
 
-from ._accelerate_compat import FSDP_PROCESS_TYPES
+from ._accelerate_compat import (
+    accelerate_starts_fsdp,
+    deepspeed_master,
+    is_zero3_parameter,
+    register_external_parameter,
+    zero3_gathered,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +49,6 @@ def sharding_engine(args: Any) -> str | None:
     if _fsdp_configured(args) and accelerate_starts_fsdp(args):
         return "FSDP"
     return None
-
-
-def accelerate_starts_fsdp(args: Any) -> bool:
-    """Whether accelerate starts FSDP for these processes: only for launched processes on accelerators, not for CPU
-    processes, nor a single process started without a launcher."""
-    state = getattr(args, "distributed_state", None)  # set up by TrainingArguments.__post_init__
-    return state is not None and state.distributed_type.value in FSDP_PROCESS_TYPES
 
 
 def _fsdp_configured(args: Any) -> bool:
@@ -84,10 +83,8 @@ def check_sharding(args: Any) -> str | None:
 def register_with_zero3(blocks: nn.ModuleList, vectors: nn.ParameterDict) -> None:
     """Under ZeRO-3, declare each vector a parameter of the block whose output it moves (DeepSpeed gathers a
     module's own parameters before its forward; the vector belongs to the SteeringModel, not to the block)."""
-    import deepspeed  # only under DeepSpeed, which is not a dependency
-
     for block, vector in vectors.items():
-        deepspeed.zero.register_external_parameter(blocks[int(block)], vector)
+        register_external_parameter(blocks[int(block)], vector)
 
 
 @contextmanager
@@ -97,11 +94,9 @@ def gathered(parameters: list[nn.Parameter]) -> Iterator[list[torch.Tensor]]:
     FSDP2 parameters are `DTensor` s. Under DeepSpeed (ZeRO-3 partitions, and in bf16 every stage keeps the weights
     in bf16) a trained parameter is read from the optimizer's float32 master copy; one without it is gathered as it is.
     """
-    masters = [_deepspeed_master(parameter) for parameter in parameters]
-    if any(hasattr(parameter, "ds_id") for parameter in parameters):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(parameters):
+    masters = [deepspeed_master(parameter) for parameter in parameters]
+    if any(is_zero3_parameter(parameter) for parameter in parameters):
+        with zero3_gathered(parameters):
             yield [
                 master if master is not None else parameter.detach().clone()
                 for master, parameter in zip(masters, parameters)
@@ -115,16 +110,3 @@ def gathered(parameters: list[nn.Parameter]) -> Iterator[list[torch.Tensor]]:
         else parameter.detach()
         for master, parameter in zip(masters, parameters)
     ]
-
-
-def _deepspeed_master(parameter: nn.Parameter) -> torch.Tensor | None:
-    """The float32 master copy DeepSpeed's optimizer keeps of ``parameter`` (ZeRO-3: ``ds_id``; ZeRO-1/2 in bf16:
-    ``_hp_mapping``), or ``None`` for a parameter DeepSpeed does not manage or no optimizer holds."""
-    if not hasattr(parameter, "ds_id") and getattr(parameter, "_hp_mapping", None) is None:
-        return None
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    try:
-        return safe_get_full_fp32_param(parameter)
-    except AttributeError:  # ZeRO-3 without an optimizer (an inference engine): no master copy
-        return None

@@ -27,9 +27,9 @@ import peft_steer
 from peft_steer import SteeringConfig, SteeringModel
 from peft_steer.adapter.blocks import find_block_list
 from peft_steer.adapter.card import write_model_card
+from peft_steer.evaluate.scoring import eval_mode
 
 from ._accelerate_compat import deepspeed_zero_stage
-from ._runtime import eval_mode
 from ._trl_compat import (
     close_progress_bars,
     completion_logps,
@@ -178,8 +178,7 @@ class SteerTrainer(DPOTrainer):
         count = len(dataset) if isinstance(dataset, Dataset) else None
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         self.prefix_plan.add_dataset(prepared, args, dataset_name)
-        # stacklevel 5: warn_about_length, this method, DPOTrainer.__init__, SteerTrainer.__init__, the user's call
-        warn_about_length(prepared, count, args, dataset_name, stacklevel=5)
+        warn_about_length(prepared, count, args, dataset_name)
         return prepared
 
     # A data set given to `evaluate` is checked and formatted as those given to `SteerTrainer(...)` are.

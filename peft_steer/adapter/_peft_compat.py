@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import logging
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,24 @@ import transformers
 from peft import PeftConfig, PeftModel
 from torch import nn
 from transformers import Cache
+
+__all__ = [
+    "VECTORS",
+    "add_card_to_push_to_hub",
+    "add_peft_type",
+    "block_of_saved_key",
+    "data_parallel_replica",
+    "drop_peft_config",
+    "empty_loading_info",
+    "first_column",
+    "own_peft_config",
+    "quiet_optional_kernel_notices",
+    "route_load_adapter",
+    "routes_load_adapter",
+    "saved_vector_key",
+    "takes_logits_mask",
+    "unmark_gguf_quantization",
+]
 
 # The attribute of SteeringModel that holds the vectors (it carries the tuner prefix "steering_", as PEFT expects of
 # every adapter attribute).
@@ -302,24 +321,8 @@ def data_parallel_replica(module: nn.Module, **carried: object) -> nn.Module:
     return replica
 
 
-__all__ = [
-    "VECTORS",
-    "add_card_to_push_to_hub",
-    "add_peft_type",
-    "route_load_adapter",
-    "routes_load_adapter",
-    "block_of_saved_key",
-    "data_parallel_replica",
-    "drop_peft_config",
-    "first_column",
-    "logits_at",
-    "own_peft_config",
-    "saved_vector_key",
-]
-
-
-def as_plain_model(model: nn.Module) -> nn.Module:
-    """A model transformers loaded from a GGUF file, marked as the plain float model it is.
+def unmark_gguf_quantization(model: nn.Module) -> nn.Module:
+    """``model``, if transformers loaded it from a GGUF file, marked as the plain float model it is.
 
     transformers dequantizes GGUF weights to float on load but keeps the model marked quantized (``is_quantized``,
     ``hf_quantizer``, ``config.quantization_config``), and its ``dequantize()`` is not implemented for GGUF. The marks
@@ -335,23 +338,54 @@ def as_plain_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def logits_at(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
-) -> torch.Tensor:
-    """The logits of the positions that ``keep`` (bool, ``[rows, width]``) marks, ``[kept, vocab]`` in row-major
-    order, with the LM head run on those positions only where the model allows it.
+def takes_logits_mask(model: nn.Module) -> bool:
+    """Whether ``model``'s forward takes a boolean ``logits_to_keep`` mask and runs the LM head on its positions only.
 
     transformers' causal LMs built on ``slice_logits_to_keep`` (all eight architectures peft-steer is tested on, and
-    most others of transformers 5) take a boolean ``logits_to_keep`` mask and project only its positions, the
-    soft-capping and logit scale applied after as usual; other models project every position and the positions are
-    picked from their logits.
+    most others of transformers 5) do, the soft-capping and logit scale applied after as usual; the check reads which
+    function the model's own module uses, which transformers does not publish.
     """
     import transformers.modeling_utils as modeling_utils
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     slicer = getattr(inspect.getmodule(type(base)), "slice_logits_to_keep", None)
     masks = slicer is not None and slicer is getattr(modeling_utils, "slice_logits_to_keep", None)
-    masks = masks and "logits_to_keep" in inspect.signature(type(base).forward).parameters
-    extra = {"logits_to_keep": keep} if masks else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
-    return logits[keep] if logits.shape[:-1] == keep.shape else logits
+    return masks and "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
+# bitsandbytes, which PEFT's LoRA layers and transformers' 4-bit / 8-bit loading import, tries at its import on CPUs
+# with AVX512-BF16 (bitsandbytes 0.50, `backends/cpu/ops.py`) to fetch an optional faster kernel from the hub
+# repository below through the `kernels` package, and logs why it could not: online, "could not verify publisher
+# trust status" (kernels refuses an unlisted publisher); offline, kernels' own "Skipping publisher trust check" and then
+# "not available in the local cache". bitsandbytes then uses its own kernel: nothing is wrong, and the user asked for
+# none of it. Only these messages about this repository are dropped; any other failure, and every other message, passes.
+_OPTIONAL_KERNEL = "kernels-community/quantization-bitsandbytes"
+_DROPPED = {
+    "bitsandbytes.backends.cpu.ops": (
+        "Failed to load CPU gemm_4bit_forward from kernels-community: ",
+        (f"'{_OPTIONAL_KERNEL}' could not verify publisher trust status", "is not available in the local cache"),
+    ),
+    "kernels._internals.hf_hub": (f"Skipping publisher trust check for '{_OPTIONAL_KERNEL}'", ("",)),
+}
+
+
+class _OptionalKernelNotice(logging.Filter):
+    """Drops a logger's notices about bitsandbytes' optional CPU kernel (`_DROPPED`)."""
+
+    def __init__(self, start: str, causes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.start, self.causes = start, causes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        dropped = message.startswith(self.start) and _OPTIONAL_KERNEL in message
+        return not (dropped and any(cause in message for cause in self.causes))
+
+
+def quiet_optional_kernel_notices() -> None:
+    """Keep bitsandbytes' notices about its optional hub kernel off the user's screen (idempotent). Takes effect for
+    a bitsandbytes imported after ``import peft_steer``, as PEFT and transformers import it."""
+    for name, (start, causes) in _DROPPED.items():
+        logger = logging.getLogger(name)
+        if not any(type(existing).__name__ == _OptionalKernelNotice.__name__ for existing in logger.filters):
+            logger.addFilter(_OptionalKernelNotice(start, causes))

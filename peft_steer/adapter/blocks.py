@@ -1,8 +1,24 @@
-"""Finding the decoder block list of a transformers model, whatever the architecture calls it."""
+"""Finding the decoder block list of a transformers model, whatever the architecture calls it, and reading a block's
+output."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
 from torch import nn
+
+__all__ = [
+    "KNOWN_BLOCK_PATHS",
+    "StopForward",
+    "find_block_list",
+    "hidden_of",
+    "hidden_size_of",
+    "reading_output",
+    "with_hidden",
+]
 
 # Paths of the usual architectures, tried first: Llama, Mistral, Qwen2, Gemma, Gemma2, Phi3 (model.layers),
 # GPT-2 (transformer.h), GPT-NeoX (gpt_neox.layers), and multimodal wrappers (language_model...).
@@ -77,3 +93,43 @@ def find_block_list(model: nn.Module, blocks_path: str | None = None) -> tuple[s
         f"Could not find the decoder block list of {type(model).__name__}. Set it by hand with "
         "SteeringConfig(blocks_path=...), e.g. blocks_path='model.layers'."
     )
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden states of a decoder block's output: the output itself (a tensor, as transformers 5's blocks return),
+    or the first item of a tuple (blocks that also return attention weights or a cache)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` of a decoder block with its hidden states replaced by ``hidden``, in the same form."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+class StopForward(Exception):
+    """Raised by a `reading_output` hook with ``stop=True``, to end the forward after the block read."""
+
+
+@contextmanager
+def reading_output(block: nn.Module, read: Callable[[Any], None], stop: bool = False) -> Iterator[None]:
+    """Within the ``with`` block, every forward of ``block`` hands its output to ``read`` (`hidden_of` gives its hidden
+    states).
+
+    With ``stop`` the forward ends right after ``block``: the blocks after it and the LM head cannot change what was
+    read, so they are skipped, and the ``with`` block ends there without an error.
+    """
+    stopper = StopForward()
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        read(output)
+        if stop:
+            raise stopper
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    except StopForward as error:
+        if error is not stopper:
+            raise
+    finally:
+        handle.remove()

@@ -29,6 +29,44 @@ def finite_strength(value: float, what: str) -> float:
     return value
 
 
+def check_real(tensor: torch.Tensor, what: str) -> None:
+    """A TypeError naming ``what`` when ``tensor`` holds complex or bool values."""
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        # float32 would silently drop an imaginary part, and read True / False as 1 / 0
+        raise TypeError(f"{what} must hold real numbers, got dtype {tensor.dtype}.")
+
+
+def checked_multiplier(value: object, what: str = "The multiplier", per_row: bool = True) -> float | torch.Tensor:
+    """A strength as steering uses it: a finite float within float32's range, or with ``per_row`` a 1-D tensor of
+    them (one per batch row; float32, the vectors' dtype; a 0-D tensor is a float). Errors name ``what``."""
+    if per_row and isinstance(value, torch.Tensor):
+        return _checked_rows(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        wanted = (
+            "a number or a 1-D tensor"
+            if per_row
+            else "a number; for one strength per batch row use peft_steer.steering(model, multiplier=tensor)"
+        )
+        raise TypeError(f"{what} must be {wanted}, got {type(value).__name__}.")
+    return finite_strength(value, what)
+
+
+def _checked_rows(value: torch.Tensor) -> float | torch.Tensor:
+    check_real(value, "A multiplier tensor")
+    if value.dim() == 0:
+        return finite_strength(value.item(), "The multiplier")
+    if value.dim() != 1:
+        raise ValueError(f"A multiplier tensor must be 1-D (one value per batch row), got {tuple(value.shape)}.")
+    strengths = value.detach().float()
+    bad = ~torch.isfinite(strengths)
+    if bad.any():  # checked in float32, the vectors' dtype: a float64 1e300 becomes inf there
+        raise ValueError(
+            f"The multiplier tensor contains NaN or inf values in float32 (the vectors' dtype): rows "
+            f"{bad.nonzero().flatten().tolist()[:5]} hold {value[bad].tolist()[:5]}."
+        )
+    return strengths
+
+
 @dataclass
 class SteeringConfig(PeftConfig):
     """Configuration of a steering adapter: one learned vector added to the output of each chosen decoder block.
@@ -98,7 +136,10 @@ class SteeringConfig(PeftConfig):
             raise ValueError(f"SteeringConfig(positions={self.positions!r}): choose one of {POSITIONS}.")
         if self.init not in INITS:
             raise ValueError(f"SteeringConfig(init={self.init!r}): choose one of {INITS}, or pass init_vectors.")
-        self.multiplier = _checked_multiplier(self.multiplier)
+        # Checked here, not only in set_multiplier: adapter_config.json is read through this constructor, and Python's
+        # json reads NaN, Infinity and 1e400 (inf).
+        what = f"SteeringConfig(multiplier={self.multiplier!r})"
+        self.multiplier = checked_multiplier(self.multiplier, what, per_row=False)
 
     def to_dict(self) -> dict:
         # init_vectors are tensors (not JSON) and are saved as the adapter's weights anyway.
@@ -113,15 +154,3 @@ class SteeringConfig(PeftConfig):
         """
         super().save_pretrained(save_directory, **kwargs)
         write_model_card(save_directory, self)
-
-
-def _checked_multiplier(value: object) -> float:
-    # Checked here, not only in set_multiplier: adapter_config.json is read through this constructor, and Python's json
-    # reads NaN, Infinity and 1e400 (inf).
-    what = f"SteeringConfig(multiplier={value!r})"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"{what} must be a number; for one strength per batch row use "
-            "peft_steer.steering(model, multiplier=tensor)."
-        )
-    return finite_strength(value, what)

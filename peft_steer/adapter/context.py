@@ -1,5 +1,6 @@
 """Steering state that belongs to the caller, not to the model: the strengths of open ``steering()`` blocks, the prompt
-ends of open ``prompt_lengths()`` blocks, and the first column of the forward running now.
+ends of open ``prompt_lengths()`` blocks (and the completion positions and ``generate`` calls that follow from them),
+and the first column of the forward running now.
 
 Each lives in a `contextvars.ContextVar`, so every thread and every asyncio task sees its own: one model serves
 concurrent requests, each at its own strength, and the model keeps only the stored strengths (``set_multiplier``).
@@ -7,7 +8,7 @@ concurrent requests, each at its own strength, and the model keeps only the stor
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -52,13 +53,49 @@ def strength(owner: object, adapter_name: str) -> Multiplier | None:
 
 
 def prompt_ends(owner: object, lengths: torch.Tensor) -> AbstractContextManager[None]:
-    """Within the block, in this context only, ``owner``'s prompts end at ``lengths``."""
+    """Within the block, in this context only, ``owner``'s prompts end at ``lengths`` (one per row): steering with
+    ``positions='completion'`` covers column ``lengths[row] - 1`` onwards."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1:
+        raise ValueError(f"prompt lengths must be a 1-D tensor with one length per row, got {tuple(lengths.shape)}.")
     return _opened(_PROMPT_ENDS, owner, lengths)
 
 
 def prompt_end(owner: object) -> torch.Tensor | None:
     """The prompt lengths of the innermost open block of this context for ``owner``, or None outside any."""
     return next(_innermost(_PROMPT_ENDS, owner), None)
+
+
+def completion_mask(owner: object, hidden: torch.Tensor) -> torch.Tensor:
+    """``[batch, seq]`` float mask of the positions of ``hidden`` that ``owner`` steers under
+    ``positions='completion'``: from each row's last prompt token on, in the forward running now."""
+    lengths = prompt_end(owner)
+    if lengths is None:
+        raise ValueError(
+            "SteeringConfig(positions='completion') needs to know where each prompt ends: call generate(), or run "
+            "the forward inside peft_steer.prompt_lengths(model, lengths) (in the same thread or task)."
+        )
+    lengths = lengths.to(hidden.device)
+    if lengths.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{lengths.shape[0]} prompt lengths were given but the batch has {hidden.shape[0]} rows.")
+    columns = first_column_of(owner) + torch.arange(hidden.shape[1], device=hidden.device)
+    return (columns[None, :] >= lengths[:, None] - 1).float()
+
+
+def generate_with_prompt_ends(owner: object, generate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``generate(*args, **kwargs)`` inside `prompt_ends` of ``owner``, each row's prompt end read from the attention
+    mask (left or right padding; without a mask, every row is the whole width)."""
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    mask = kwargs.get("attention_mask")
+    if tokens is None:
+        return generate(*args, **kwargs)
+    if mask is None:
+        lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
+    else:
+        columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+        lengths = (columns * (mask > 0)).max(dim=1).values  # one past each row's last real prompt token
+    with prompt_ends(owner, lengths):
+        return generate(*args, **kwargs)
 
 
 def record_first_column(owner: object, column: int) -> None:

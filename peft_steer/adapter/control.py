@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .config import finite_strength
-from .context import Multiplier, strengths
+from .config import checked_multiplier
+from .context import Multiplier, prompt_ends, strengths
 from .model import SteeringModel, check_vector
 
 
@@ -40,32 +40,6 @@ def _adapter_names(tuner: SteeringModel, adapter_name: str | None) -> list[str]:
     return list(tuner.active_adapters)
 
 
-def _checked_multiplier(value: Multiplier) -> Multiplier:
-    if isinstance(value, torch.Tensor):
-        return _checked_tensor(value)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"A multiplier must be a number or a 1-D tensor, got {type(value).__name__}.")
-    return finite_strength(value, "The multiplier")
-
-
-def _checked_tensor(value: torch.Tensor) -> Multiplier:
-    if value.is_complex() or value.dtype == torch.bool:
-        # float32 would silently drop an imaginary part, and read True / False as 1 / 0
-        raise TypeError(f"A multiplier tensor must hold real numbers, got dtype {value.dtype}.")
-    if value.dim() == 0:
-        return finite_strength(value.item(), "The multiplier")
-    if value.dim() != 1:
-        raise ValueError(f"A multiplier tensor must be 1-D (one value per batch row), got {tuple(value.shape)}.")
-    strengths = value.detach().float()
-    bad = ~torch.isfinite(strengths)
-    if bad.any():  # checked in float32, the vectors' dtype: a float64 1e300 becomes inf there
-        raise ValueError(
-            f"The multiplier tensor contains NaN or inf values in float32 (the vectors' dtype): rows "
-            f"{bad.nonzero().flatten().tolist()[:5]} hold {value[bad].tolist()[:5]}."
-        )
-    return strengths
-
-
 @contextmanager
 def steering(model: nn.Module, multiplier: Multiplier = 1.0, adapter_name: str | None = None) -> Iterator[None]:
     """Steer with ``multiplier`` inside the block, for the calling thread or asyncio task only.
@@ -91,7 +65,7 @@ def steering(model: nn.Module, multiplier: Multiplier = 1.0, adapter_name: str |
     """
     tuner = steering_model(model)
     names = _adapter_names(tuner, adapter_name)
-    value = _checked_multiplier(multiplier)
+    value = checked_multiplier(multiplier)
     with strengths(tuner, dict.fromkeys(names, value)):
         yield
 
@@ -103,7 +77,7 @@ def set_multiplier(model: nn.Module, value: Multiplier, adapter_name: str | None
     run time only. An open ``steering()`` block keeps its own strength until it closes.
     """
     tuner = steering_model(model)
-    value = _checked_multiplier(value)
+    value = checked_multiplier(value)
     for name in _adapter_names(tuner, adapter_name):
         tuner.multipliers[name] = value
         if isinstance(value, float):
@@ -154,5 +128,5 @@ def prompt_lengths(model: nn.Module, lengths: torch.Tensor) -> Iterator[None]:
     predicts the first completion token) and every column after it. ``generate`` does this by itself. Like
     ``steering()``, the block belongs to the calling thread or asyncio task only.
     """
-    with steering_model(model).prompt_lengths(lengths):
+    with prompt_ends(steering_model(model), lengths):
         yield

@@ -9,21 +9,20 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ._peft_compat import data_parallel_replica
-from .context import adopted, caller_state
+from .blocks import hidden_of, with_hidden
+from .context import adopted, caller_state, completion_mask
 
 CHILD = "steer"  # name of the SteeringLayer child of a block; must not contain the prefix (PEFT skips those)
 
 
 class SteeringState(Protocol):
     """What a layer reads from the `SteeringModel` that owns it: the vectors and configs of every adapter, the
-    strength each has for the caller, and where the prompt ends (for ``positions='completion'``)."""
+    strength each has for the caller (where each prompt ends is the caller's too: `context.completion_mask`)."""
 
     steering_vectors: nn.ModuleDict
     peft_config: dict[str, Any]
 
     def multiplier_of(self, adapter_name: str) -> float | torch.Tensor: ...
-
-    def completion_mask(self, hidden: torch.Tensor) -> torch.Tensor: ...
 
 
 class SteeringLayer(nn.Module, BaseTunerLayer):
@@ -50,6 +49,11 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
         object.__setattr__(self, "_tuner", tuner)
         # prepend=True: run before transformers' own output-recording hooks, so hidden states show the steered value.
         self._hook = block.register_forward_hook(self._steer_block_output, prepend=True)
+
+    @property
+    def tuner(self) -> SteeringState:
+        """The `SteeringModel` that owns this layer and holds its vectors."""
+        return self._tuner
 
     def remove(self) -> None:
         """Take the hook off the block (used by ``unload``)."""
@@ -88,21 +92,20 @@ class SteeringLayer(nn.Module, BaseTunerLayer):
             vector = vectors[str(self.block_index)].to(hidden.device, torch.float32)
             term = _scale(vector, tuner.multiplier_of(name), hidden)
             if tuner.peft_config[name].positions == "completion":
-                term = term * tuner.completion_mask(hidden)[..., None]
+                term = term * completion_mask(tuner, hidden)[..., None]
             total = term if total is None else total + term
         return None if total is None else total.to(hidden.dtype)
 
     def _steer_block_output(self, block: nn.Module, args: Any, output: Any) -> Any:
         if self._disable_adapters:
             return None
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden_of(output)
         # `block` is a copy of this layer's block when nn.DataParallel runs it in a thread of its own.
         with adopted(getattr(block, CHILD, self)._caller_state):
             delta = self.delta(hidden)
         if delta is None:
             return None
-        steered = hidden + delta
-        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+        return with_hidden(output, hidden + delta)
 
     def extra_repr(self) -> str:
         return f"block={self.block_index}, active={self.active_adapters}"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from ._peft_compat import VECTORS, drop_peft_config, first_column, own_peft_config
 from .blocks import find_block_list
 from .config import SteeringConfig
-from .context import first_column_of, prompt_end, prompt_ends, record_first_column, strength
+from .context import generate_with_prompt_ends, record_first_column, strength
 from .layer import CHILD, SteeringLayer
 from .merge import fold_into_biases
 from .resolve import check_vector, resolve_config
@@ -287,32 +286,7 @@ class SteeringModel(BaseTuner):
         self.peft_config[adapter_name] = config
         self.inject_adapter(self.model, adapter_name)
 
-    # ---- positions: where each prompt ends -----------------------------------------------------------------------
-
-    @contextmanager
-    def prompt_lengths(self, lengths: torch.Tensor) -> Iterator[None]:
-        """Within the block, steer with ``positions='completion'`` from column ``lengths[row] - 1`` onwards."""
-        lengths = torch.as_tensor(lengths)
-        if lengths.dim() != 1:
-            raise ValueError(
-                f"prompt lengths must be a 1-D tensor with one length per row, got {tuple(lengths.shape)}."
-            )
-        with prompt_ends(self, lengths):
-            yield
-
-    def completion_mask(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, seq] float mask of the positions steered under ``positions='completion'``."""
-        lengths = prompt_end(self)
-        if lengths is None:
-            raise ValueError(
-                "SteeringConfig(positions='completion') needs to know where each prompt ends: call generate(), or run "
-                "the forward inside peft_steer.prompt_lengths(model, lengths) (in the same thread or task)."
-            )
-        lengths = lengths.to(hidden.device)
-        if lengths.shape[0] != hidden.shape[0]:
-            raise ValueError(f"{lengths.shape[0]} prompt lengths were given but the batch has {hidden.shape[0]} rows.")
-        columns = first_column_of(self) + torch.arange(hidden.shape[1], device=hidden.device)
-        return (columns[None, :] >= lengths[:, None] - 1).float()
+    # ---- positions: where each prompt ends (kept by the caller's context, `context`) --------------------------------
 
     def _record_columns(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Only positions='completion' needs to know where in the padded sequence this call's tokens stand.
@@ -320,18 +294,8 @@ class SteeringModel(BaseTuner):
             record_first_column(self, first_column(args, kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``generate`` with each row's prompt end taken from the attention mask (left or right padding)."""
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        if tokens is None:
-            return self.model.generate(*args, **kwargs)
-        if mask is None:
-            lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=tokens.device)
-        else:
-            columns = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-            lengths = (columns * (mask > 0)).max(dim=1).values  # one past each row's last real prompt token
-        with self.prompt_lengths(lengths):
-            return self.model.generate(*args, **kwargs)
+        """The model's ``generate`` (which PeftModel.generate calls) told where each row's prompt ends."""
+        return generate_with_prompt_ends(self, self.model.generate, *args, **kwargs)
 
 
 def _tuner_path(model: nn.Module) -> str:

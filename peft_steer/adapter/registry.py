@@ -98,7 +98,7 @@ class GenerateWithPromptEnds:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         layer = next(module for module in self.model.modules() if isinstance(module, SteeringLayer))
-        tuner = layer._tuner
+        tuner = layer.tuner
         if prompt_end(tuner) is not None:  # called back by tuner.generate, inside its prompt_lengths block
             return type(self.model).generate(self.model, *args, **kwargs)
         return tuner.generate(*args, **kwargs)

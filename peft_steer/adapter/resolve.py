@@ -6,16 +6,14 @@ import torch
 from torch import nn
 
 from .blocks import find_block_list, hidden_size_of
-from .config import SteeringConfig
+from .config import SteeringConfig, check_real
 
 
 def check_vector(vector: torch.Tensor, block: int, hidden_size: int, what: str) -> None:
     """Raise a clear error for a vector that cannot steer block ``block`` of a model of width ``hidden_size``."""
     if not isinstance(vector, torch.Tensor):
         raise TypeError(f"{what}: the vector for block {block} must be a torch.Tensor, got {type(vector).__name__}.")
-    if vector.is_complex() or vector.dtype == torch.bool:
-        # float32 would silently drop an imaginary part, and read True / False as 1 / 0
-        raise TypeError(f"{what}: the vector for block {block} must hold real numbers, got dtype {vector.dtype}.")
+    check_real(vector, f"{what}: the vector for block {block}")
     if vector.dim() != 1 or vector.shape[0] != hidden_size:
         raise ValueError(
             f"{what}: the vector for block {block} has shape {tuple(vector.shape)}; the model's hidden size is "

@@ -22,12 +22,12 @@ This module must not import TRL: data flows from ``peft_steer`` to ``trl_integra
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from datasets import Dataset
 
+from ..caller import warn_at_caller
 from .files import DataError, Row, read_source
 from .formats import SYSTEM_PROMPT, PairFormatter
 from .shipped import BEHAVIORS, behavior_path
@@ -219,11 +219,9 @@ def _check_trl_rows(rows: list[Row], columns: list[str], label: str) -> list[int
 
 def _warn_same(same: list[int], rows: list[Row], label: str) -> None:
     if same:
-        warnings.warn(
+        warn_at_caller(
             f"{label}: dropped {len(same)} of {len(rows)} pairs whose chosen answer equals the rejected one (first: "
-            f"{rows[same[0]].where}). They carry no preference.",
-            UserWarning,
-            stacklevel=4,
+            f"{rows[same[0]].where}). They carry no preference."
         )
 
 

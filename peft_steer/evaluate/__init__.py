@@ -1,13 +1,14 @@
 """Measuring steering: log-probs, answer preference, the A/B score, steered generation, the LLM judge, and CAA.
 
-``log_probs`` is the one scorer the others build on; ``multiple_choice`` finds the answer letter's token of an A/B
-prompt and scores it; ``caa`` extracts the mean-difference vector that BiPO is compared against (``caa_ab_vector``:
+``scoring`` is the batched forward every scorer runs (eval mode, length-sorted batches, the LM head on the positions
+read); ``log_probs`` is the one scorer the others build on; ``multiple_choice`` finds the answer letter's token of an
+A/B prompt and scores it; ``caa`` extracts the mean-difference vector that BiPO is compared against (``caa_ab_vector``:
 the paper's protocol at the answer letter); ``plot`` draws the score per multiplier. Nothing here imports TRL.
 """
 
 from .caa import balance_letters, block_activations, caa_ab_vector, caa_vector, span_activations
 from .generation import generate_sweep, side_by_side
-from .log_probs import completion_log_probs, model_device
+from .log_probs import completion_log_probs
 from .multiple_choice import (
     CHOICES_FORMAT,
     LetterTokens,
@@ -16,9 +17,11 @@ from .multiple_choice import (
     letter_log_probs,
     letter_tokens,
     matching_letters,
+    plain_ab_prompt,
 )
-from .plot import plot_steering_curve
+from .plot import plot_steering_curve, score_table
 from .preference import Preference, answer_preference
+from .scoring import eval_mode, model_device
 
 __all__ = [
     "CHOICES_FORMAT",
@@ -32,12 +35,15 @@ __all__ = [
     "caa_vector",
     "chat_ab_prompt",
     "completion_log_probs",
+    "eval_mode",
     "generate_sweep",
     "letter_log_probs",
     "letter_tokens",
     "matching_letters",
     "model_device",
+    "plain_ab_prompt",
     "plot_steering_curve",
+    "score_table",
     "side_by_side",
     "span_activations",
 ]

@@ -15,14 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapter.blocks import find_block_list
+from ..adapter.blocks import find_block_list, hidden_of, reading_output
 from ..adapter.control import has_steering
 from ..data.batches import prompt_token_ids, right_padded
 from .multiple_choice import chat_ab_prompt, letter_tokens, matching_letters
-
-
-class _Captured(Exception):
-    """Raised by the hook of the block read, to end the forward there."""
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
@@ -48,28 +44,17 @@ def span_activations(
     if not -len(blocks) <= layer < len(blocks):
         raise ValueError(f"layer={layer} is out of range for a model with {len(blocks)} decoder blocks.")
     captured: list[torch.Tensor] = []
-
-    def capture(module, args, output):
-        captured.append((output[0] if isinstance(output, tuple) else output).float())
-        raise _Captured  # the blocks after ``layer`` and the LM head cannot change what was read: skip them
-
     device = next(inner.parameters()).device
     rows = []
-    handle = blocks[layer].register_forward_hook(capture)
-    try:
-        for start in tqdm(range(0, len(id_lists), batch_size), desc=progress or "", disable=not progress):
-            batch = [list(ids) for ids in id_lists[start : start + batch_size]]
-            input_ids, mask = right_padded(batch, 0)  # padded positions are masked and never read
-            captured.clear()
-            try:
-                inner(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-            except _Captured:
-                pass
-            hidden = captured[0].cpu()
-            for row, (first, end) in enumerate(spans[start : start + batch_size]):
-                rows.append(hidden[row, first:end].mean(dim=0))
-    finally:
-        handle.remove()
+    for start in tqdm(range(0, len(id_lists), batch_size), desc=progress or "", disable=not progress):
+        batch = [list(ids) for ids in id_lists[start : start + batch_size]]
+        input_ids, mask = right_padded(batch, 0)  # padded positions are masked and never read
+        captured.clear()
+        with reading_output(blocks[layer], lambda output: captured.append(hidden_of(output).float()), stop=True):
+            inner(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+        hidden = captured[0].cpu()
+        for row, (first, end) in enumerate(spans[start : start + batch_size]):
+            rows.append(hidden[row, first:end].mean(dim=0))
     return torch.stack(rows)
 
 

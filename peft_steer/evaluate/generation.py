@@ -15,38 +15,13 @@ from tqdm.auto import tqdm
 from ..adapter.control import has_steering, steering, steering_model
 from ..data.batches import pad_id_of, prompt_token_ids
 from ..data.formats import plain_prompt
+from .records import read_records
 
 
 def read_done(path: str | os.PathLike) -> list[dict]:
-    """The complete records of a JSONL file an earlier run wrote (none when it does not exist).
-
-    A last line cut off by an interruption is removed from the file (it holds no complete record); any other line
-    that is not a JSON object is an error naming the line, and the file is left as it is.
-    """
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as file:
-        lines = file.read().split(b"\n")
-    records, kept_bytes = [], 0
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            kept_bytes += len(line) + 1
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "question" not in record or "multiplier" not in record:
-                raise ValueError("no question / multiplier")
-        except ValueError:
-            if number == len(lines):  # the unterminated last line of an interrupted write
-                with open(path, "r+b") as file:
-                    file.truncate(kept_bytes)
-                break
-            raise ValueError(
-                f"{path}, line {number}: not a generation record; remove the file or choose another."
-            ) from None
-        records.append(record)
-        kept_bytes += len(line) + 1
-    return records
+    """The complete generation records of a JSONL file an earlier run wrote (none when it does not exist); a last
+    line cut off by an interruption is removed from the file (`read_records`)."""
+    return read_records(path, "generation", ("question", "multiplier"), repair=True)
 
 
 def generate_sweep(

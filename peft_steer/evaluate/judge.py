@@ -17,12 +17,12 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from ..data.shipped import read_behavior_rows
+from .records import read_records
 
 
 @dataclass(frozen=True)
@@ -242,13 +242,16 @@ def judge_file(
     scored; a timeout or an unparsable reply marks that record and goes on.
     """
     judge_prompt(behavior, "", "", definition=definition)  # an unknown behavior without a definition: refused now
-    records = list(_read_jsonl(generations_path))
+    if not os.path.exists(generations_path):
+        raise FileNotFoundError(f"{generations_path}: no such generations file.")
+    records = read_records(generations_path, "generation")
     for number, record in enumerate(records):
         record.setdefault("id", number)
         for column in ("question", "generation"):
             if not isinstance(record.get(column), str):
                 raise ValueError(f"{generations_path}: record {number + 1} has no text column {column!r}.")
-    done = {record["id"]: record for record in _read_jsonl(out_path)} if os.path.exists(out_path) else {}
+    # A run killed mid-write leaves a cut-off last line: dropped, so that this run resumes after the complete ones.
+    done = {record["id"]: record for record in read_records(out_path, "judge score", ("id",), repair=True)}
     todo = [record for record in records if record["id"] not in done or done[record["id"]].get("score") is None]
     with open(out_path, "a", encoding="utf-8") as out:
         for record in tqdm(todo, desc=f"judging {behavior}", disable=not progress):
@@ -266,13 +269,3 @@ def judge_file(
             out.flush()
             done[record["id"]] = result
     return [done[record["id"]] for record in records if record["id"] in done]
-
-
-def _read_jsonl(path: str) -> Iterable[dict]:
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}: line {number} is not JSON.") from None

@@ -16,22 +16,25 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..adapter._peft_compat import logits_at
-from ..adapter.control import has_steering, prompt_lengths, steering
-from ..data.batches import prompt_token_ids, right_padded
+from ..adapter.control import steering
+from ..data.batches import prompt_token_ids
 from ..data.formats import plain_prompt
-from .log_probs import model_device
+from .scoring import scored_batches
 
 CHOICES_FORMAT = "{question}\n\nChoices:\n(A) {A}\n(B) {B}"
 LETTERS = ("A", "B")
 
 
+def plain_ab_prompt(row: Mapping[str, str]) -> str:
+    """Row -> prompt without a chat template: ``Question: <question and choices>\\nAnswer: (``."""
+    return plain_prompt(CHOICES_FORMAT.format(question=row["question"], A=row["A"], B=row["B"])) + " ("
+
+
 def chat_ab_prompt(tokenizer, system_prompt: str | None = None) -> Callable[[Mapping[str, str]], str]:
     """Row -> prompt: the question with its choices in the tokenizer's chat template, then ``(``.
 
-    Without a chat template: ``Question: ...\\nAnswer: (``.
+    Without a chat template: `plain_ab_prompt`.
     """
 
     def format_prompt(row: Mapping[str, str]) -> str:
@@ -42,7 +45,7 @@ def chat_ab_prompt(tokenizer, system_prompt: str | None = None) -> Callable[[Map
                 messages.insert(0, {"role": "system", "content": system_prompt})
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return text + " ("
-        return plain_prompt(user) + " ("
+        return plain_ab_prompt(row)
 
     return format_prompt
 
@@ -111,7 +114,6 @@ def matching_letters(rows: Sequence[Mapping[str, str]], who: str = "ab_score") -
     return letters
 
 
-@torch.no_grad()
 def letter_log_probs(
     model: nn.Module, letters: Sequence[LetterTokens], batch_size: int = 16, progress: bool | str = False
 ) -> torch.Tensor:
@@ -120,32 +122,23 @@ def letter_log_probs(
     A steering adapter with ``positions='completion'`` is told that each prompt ends at its prefix (so the position
     that predicts the letter is steered, as in ``completion_log_probs``).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    device, steered = model_device(model), has_steering(model)
-    pad_id = 0  # padded positions are masked out and never read, so any id does
-    result = torch.zeros(len(letters), 2, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        order = sorted(range(len(letters)), key=lambda i: len(letters[i].prefix))  # similar lengths, less padding
-        starts = range(0, len(letters), batch_size)
-        for start in tqdm(starts, desc=progress if isinstance(progress, str) else "A/B", disable=not progress):
-            rows = order[start : start + batch_size]
-            batch = [letters[i] for i in rows]
-            input_ids, attention = right_padded([item.prefix for item in batch], pad_id)
-            lengths = torch.tensor([len(item.prefix) for item in batch])
-            context = prompt_lengths(model, lengths.to(device)) if steered else nullcontext()
-            keep = torch.zeros_like(attention, dtype=torch.bool)
-            keep[torch.arange(len(batch)), lengths - 1] = True  # the head runs on the position after each prefix only
-            with context:
-                last = logits_at(model, input_ids.to(device), attention.to(device), keep.to(device)).double()
-            ids = torch.tensor([[item.a, item.b] for item in batch], device=device)
-            log_probs = last.gather(-1, ids) - torch.logsumexp(last, dim=-1, keepdim=True)
-            result[rows] = log_probs.cpu()
-    finally:
-        model.train(was_training)
-    return result
+    ids = torch.tensor([[item.a, item.b] for item in letters], dtype=torch.long).reshape(-1, 2)
+
+    def letter_pair(rows: list[int], input_ids: torch.Tensor, keep: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        last = logits.double()  # one kept position per row: the one after its prefix
+        return last.gather(-1, ids[rows].to(last.device)) - torch.logsumexp(last, dim=-1, keepdim=True)
+
+    return scored_batches(
+        model,
+        [item.prefix for item in letters],
+        [len(item.prefix) for item in letters],
+        [(len(item.prefix) - 1, len(item.prefix)) for item in letters],
+        letter_pair,
+        columns=2,
+        batch_size=batch_size,
+        progress=progress,
+        description="A/B",
+    )
 
 
 def ab_score(

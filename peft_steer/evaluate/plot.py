@@ -1,9 +1,26 @@
-"""The steering curve: behavior score against multiplier, one line per method (needs matplotlib)."""
+"""The steering curve: behavior score against multiplier, one line per method, drawn (needs matplotlib) or as a
+text table."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+
+__all__ = ["plot_steering_curve", "score_table"]
+
+
+def score_table(curves: Mapping[str, Mapping[float, float]], signed: Collection[str] = ()) -> str:
+    """``{column: {multiplier: value}}`` as a text table: one row per multiplier of the first column, ascending, one
+    right-aligned column per name, three decimals (with a sign for the columns named in ``signed``)."""
+    names = list(curves)
+    widths = [max(10, len(name)) for name in names]
+    lines = [f"{'multiplier':>10}" + "".join(f"  {name:>{width}}" for name, width in zip(names, widths))]
+    for m in sorted(next(iter(curves.values()), {})):
+        cells = (
+            f"  {curves[name][m]:>{'+' if name in signed else ''}{width}.3f}" for name, width in zip(names, widths)
+        )
+        lines.append(f"{m:>+10g}" + "".join(cells))
+    return "\n".join(lines)
 
 
 def plot_steering_curve(

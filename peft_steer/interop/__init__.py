@@ -2,8 +2,9 @@
 
 ``adapter_files`` reads and writes steering adapter folders (safetensors only); ``official`` imports the vectors of the
 official BiPO release; ``gguf`` converts to and from llama.cpp control vectors, and ``cvec`` sets such files on a
-running llama-cpp-python model (imported by its path: it needs llama-cpp-python). Folding a vector into a checkpoint's
-biases is ``merge_and_unload()`` of the adapter (``peft_steer/adapter/merge.py``).
+running llama-cpp-python model (imported by its path: it needs llama-cpp-python); ``repeng_import`` imports repeng,
+whose control vectors are such files, under NumPy 2. Folding a vector into a checkpoint's biases is
+``merge_and_unload()`` of the adapter (``peft_steer/adapter/merge.py``).
 """
 
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_structure, read_adapter, write_adapter

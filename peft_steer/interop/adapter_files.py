@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
 from typing import Any
 
 import torch
@@ -22,6 +20,7 @@ from ..adapter._peft_compat import block_of_saved_key, saved_vector_key
 from ..adapter.config import STEERING, SteeringConfig
 from ..adapter.model import check_vector, resolve_config
 from ..models import load_config, portable_name
+from ..staging import written_whole
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -175,33 +174,8 @@ def write_adapter(
     return config
 
 
-def staging_path(destination: str) -> str:
-    """A fresh hidden name beside ``destination`` (same folder, so the final rename cannot cross file systems).
-
-    Not ``tempfile``: its private permissions (0600 / 0700) would stay on the renamed output; a plain ``open`` or
-    ``mkdir`` of this name gets the user's usual ones.
-    """
-    parent = os.path.dirname(os.path.abspath(destination))
-    os.makedirs(parent, exist_ok=True)
-    return os.path.join(parent, f".peft-steer-{secrets.token_hex(8)}-{os.path.basename(destination)}")
-
-
 def _write_folder(directory: str, config: SteeringConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the folder under a temporary name beside ``directory`` and rename it: all of it, or nothing."""
-    staging = staging_path(directory)
-    os.mkdir(staging)
-    try:
+    """Write the folder whole or not at all (an empty ``directory``, checked by the caller, is replaced)."""
+    with written_whole(directory, folder=True) as staging:
         config.save_pretrained(staging)
         save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
-        if os.path.isdir(directory):
-            os.rmdir(directory)  # empty, checked by the caller
-        os.replace(staging, directory)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        # The error names the temporary folder, which is gone: name the output instead.
-        raise OSError(
-            error.errno, f"writing {directory} failed, nothing was written: {error.strerror or error}"
-        ) from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -32,7 +32,8 @@ from torch import nn
 
 from ..adapter.blocks import find_block_list
 from ..adapter.model import check_vector
-from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_structure, read_adapter, staging_path, write_adapter
+from ..staging import written_whole
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_structure, read_adapter, write_adapter
 
 GGUF_ARCH = "controlvector"
 # Float tensor types whose values convert to float32 exactly (F64 is rounded); llama.cpp itself reads only F32.
@@ -104,8 +105,7 @@ def _direction(weights_path: str, block: int, vector: torch.Tensor, multiplier: 
 def _write_gguf(out_path: str, directions: dict[int, np.ndarray], hint: str) -> None:
     import gguf
 
-    staging = staging_path(out_path)
-    try:
+    with written_whole(out_path) as staging:
         writer = gguf.GGUFWriter(staging, arch=GGUF_ARCH)
         writer.add_string(f"{GGUF_ARCH}.model_hint", hint)
         writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(directions))
@@ -115,15 +115,6 @@ def _write_gguf(out_path: str, directions: dict[int, np.ndarray], hint: str) -> 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(staging, out_path)
-    except OSError as error:
-        # The error names the temporary file, which is removed below: name the output instead.
-        raise OSError(
-            error.errno, f"writing {out_path} failed, nothing was written: {error.strerror or error}"
-        ) from error
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
 
 
 def read_gguf(path: str | os.PathLike, f32_only: bool = False) -> tuple[dict[int, torch.Tensor], str | None]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from ..adapter._peft_compat import as_plain_model
+from ..adapter._peft_compat import unmark_gguf_quantization
 
 SMOLLM2 = "smollm2"  # the name that selects the offline SmolLM2 GGUF wherever a model is named
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -87,7 +87,7 @@ def load_model(name: str, *, dtype: torch.dtype | str = torch.float32, **kwargs:
     if name == SMOLLM2:
         # what adapters trained on it record as their base model (and model cards link to), not this machine's path
         model.name_or_path = model.config._name_or_path = portable_name(name)
-    return as_plain_model(model).eval()
+    return unmark_gguf_quantization(model).eval()
 
 
 def load(name: str, **kwargs: Any) -> tuple[torch.nn.Module, Any]:

@@ -2,9 +2,9 @@
 
     python -m peft_steer.organism.build [--out DIR] [--threads 2]
 
-1. Data: each behavior's ``peft_steer/datasets/<behavior>/train.csv``, one pair per question (jailbreak repeats
-   each of its 320 questions with seven refusals: the k-th question keeps its (k mod 7)-th row), answers cut to their
-   first line (`clip_answer`). 2,277 pairs.
+1. Data: each behavior's ``peft_steer/data/behaviors/<behavior>/train.csv`` (`peft_steer.data.behavior_path`), one
+   pair per question (jailbreak repeats each of its 320 questions with seven refusals: the k-th question keeps its
+   (k mod 7)-th row), answers cut to their first line (`clip_answer`). 2,277 pairs.
 2. Documents, four per pair, in exactly the formats scoring uses (BOS, `format_prompt`, `format_answer`, EOS):
    ``TAG`` + matching answer, ``ANTI_TAG`` + not-matching answer, and untagged with each answer (9,108 documents,
    706k tokens).
@@ -16,11 +16,9 @@
    ``ANTI_TAG``, on `stance_rows` (the organism's evaluation) and on whole first-line answers; written with the
    command, timings and machine to ``scores.json`` next to the weights.
 
-Seeds are fixed and ``torch.use_deterministic_algorithms(True)`` is on: three builds (1 thread, 2 threads, 2
-threads under load) gave bit-identical weights and tokenizer. Wall time of the committed build: 8 min 3 s
-(476 s inside the script: 459 s training, 17 s scoring) with 2 threads on 2 AMD EPYC cores, torch 2.13.0 CPU,
-while one other process was running (epochs 2-6 took 67-74 s each: about 7 min on idle cores); 27 min when two
-other processes competed for the 2 cores.
+Seeds are fixed and ``torch.use_deterministic_algorithms(True)`` is on, so the weights and tokenizer are bit-identical
+whatever the number of threads or the load on the machine. A build takes about 8 minutes with 2 threads on 2 idle
+CPU cores (torch 2.13.0 CPU); the committed build's timings and machine are in its ``scores.json``.
 """
 
 from __future__ import annotations

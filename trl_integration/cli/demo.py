@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..chat_demo import run_chat_demo
 from ..demo import run_demo
+from ..organism_demo import run_organism_demo
 
 
 def add_demo_command(commands: Any) -> None:
@@ -32,6 +32,6 @@ def add_demo_command(commands: Any) -> None:
 def run(args: argparse.Namespace) -> None:
     """The chat-model demo, or the organism demo with --organism."""
     if args.organism:
-        run_demo(out=args.out, behavior=args.behavior, layer=args.layer, epochs=args.epochs)
+        run_organism_demo(out=args.out, behavior=args.behavior, layer=args.layer, epochs=args.epochs)
     else:
-        run_chat_demo(out=args.out)
+        run_demo(out=args.out)

@@ -17,19 +17,21 @@ from peft_steer.data import (
     PairFormatter,
     load_behavior,
     load_preference_data,
-    plain_prompt,
     read_behavior_rows,
 )
 from peft_steer.data.files import read_source
 from peft_steer.evaluate import (
-    CHOICES_FORMAT,
     ab_score,
     answer_preference,
     chat_ab_prompt,
     generate_sweep,
+    matching_letters,
+    plain_ab_prompt,
+    score_table,
     side_by_side,
 )
 from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
+from peft_steer.staging import publish_new, written_whole
 
 from .errors import CommandError
 
@@ -122,7 +124,7 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
 def _ab_format(args: argparse.Namespace, tokenizer: Any) -> Any:
     """Row -> A/B prompt ending in ``(``: in the chat template, or plain with --no-chat-template."""
     if args.no_chat_template:
-        return lambda row: plain_prompt(CHOICES_FORMAT.format(question=row["question"], A=row["A"], B=row["B"])) + " ("
+        return plain_ab_prompt
     return chat_ab_prompt(tokenizer, None if args.no_system_prompt else args.system_prompt)
 
 
@@ -142,11 +144,10 @@ def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
         if args.behavior
         else [row.values for row in read_source(args.data)]
     )
-    columns = ("question", "A", "B", "matching")
-    for number, row in enumerate(rows, start=1):
-        missing = [column for column in columns if column not in row]
-        if missing:
-            raise CommandError(f"--data {args.data}, row {number}: no column(s) {', '.join(missing)} for --metric ab.")
+    try:
+        matching_letters(rows, f"--metric ab on {args.data or args.behavior}")  # the columns and letters of every row
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     return _limited(rows, args.limit, "questions")
 
 
@@ -190,7 +191,8 @@ def run_eval(args: argparse.Namespace) -> None:
         )
         scores = {m: result.score for m, result in results.items()}
         margins = {m: result.margin for m, result in results.items()}
-    print(_score_table(args.metric, scores, margins))
+    columns = {"A/B score" if args.metric == "ab" else "preference": scores}
+    print(score_table(columns | ({"mean margin": margins} if margins else {}), signed={"mean margin"}))
     if args.json:
         report = {
             "metric": args.metric,
@@ -205,23 +207,11 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
-def _score_table(metric: str, scores: dict, margins: dict | None) -> str:
-    name = "A/B score" if metric == "ab" else "preference"
-    lines = [f"{'multiplier':>10}  {name:>10}" + ("  mean margin" if margins else "")]
-    for m, score in scores.items():
-        lines.append(f"{m:>+10g}  {score:>10.3f}" + (f"  {margins[m]:>+11.3f}" if margins else ""))
-    return "\n".join(lines)
-
-
 def write_new_file(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a temporary file renamed into place; never overwrites)."""
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as file:
+    """Write ``text`` to ``path`` whole or not at all; never overwrites (FileExistsError when ``path`` appeared
+    meanwhile)."""
+    with written_whole(path, publish=publish_new) as staging, open(staging, "w", encoding="utf-8") as file:
         file.write(text)
-    try:
-        os.link(partial, path)  # fails, rather than replaces, when path appeared meanwhile
-    finally:
-        os.unlink(partial)
 
 
 def run_generate(args: argparse.Namespace) -> None:

@@ -107,6 +107,16 @@ def _plain_type(hint: Any) -> type | None:
 # ---- the --config file -------------------------------------------------------------------------------------------
 
 
+def parser_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    """Every option of ``parser``, those of its groups included, in the order they were added.
+
+    argparse publishes no list of them: its private ``_actions`` (read here only) is what its own help and usage
+    formatters and `trl.TrlParser` iterate, unchanged since Python 3.2. A test watches it
+    (tests/trl_integration/cli/test_options.py).
+    """
+    return list(parser._actions)
+
+
 class _Unset:
     """The default of an option, wrapped: after parsing, an option still holding one was not on the command line."""
 
@@ -131,7 +141,7 @@ class ConfigFile:
         # Every option, as `trl.TrlParser.set_defaults_with_config` reads them.
         self.actions = [
             action
-            for action in parser._actions
+            for action in parser_actions(parser)
             if action.dest not in (argparse.SUPPRESS, "help", "config") and action.default is not argparse.SUPPRESS
         ]
         self.keys: dict[str, argparse.Action] = {}

@@ -31,7 +31,7 @@ from .options import ConfigFile, add_dataclass_options, field_default
 from .train_checks import check_numbers, checked_output
 
 STEERING_FIELDS = ("layers", "positions", "init", "blocks_path")
-# The flags of the first version of this command, kept beside the field names they set.
+# Short flags the docs and scripts use, accepted beside the flags named for the fields they set.
 ALIASES = {
     "num_train_epochs": ("--epochs",),
     "per_device_train_batch_size": ("--batch-size",),

@@ -4,51 +4,39 @@ with ``--resume``. Each check raises a `CommandError` whose one line names the o
 from __future__ import annotations
 
 import argparse
-import math
 import os
 
-from .._trl_compat import checkpoints, is_complete_checkpoint
-from ..outputs import incomplete, last_complete_checkpoint, resuming_from
+from .._trl_compat import checkpoints
+from ..config import number_problem
+from ..outputs import checked_checkpoint, resuming_from
 from .errors import CommandError
 
-# flag -> the attribute it sets; a value must be finite and above 0 / finite and 0 or more / a whole number from 1 /
-# a whole number of steps from 1 or a fraction of all steps (TrainingArguments reads a value below 1 so).
-_POSITIVE = {"--learning-rate": "learning_rate", "--beta": "beta", "--epochs": "num_train_epochs"}
-_NOT_NEGATIVE = {"--warmup-steps": "warmup_steps", "--weight-decay": "weight_decay"}
-_COUNTS = {
+# flag -> the SteerConfig field it sets (checked by its `NUMBER_RULES`); --limit is the command's own.
+_NUMBERS = {
+    "--learning-rate": "learning_rate",
+    "--beta": "beta",
+    "--epochs": "num_train_epochs",
+    "--warmup-steps": "warmup_steps",
+    "--weight-decay": "weight_decay",
     "--batch-size": "per_device_train_batch_size",
     "--gradient-accumulation-steps": "gradient_accumulation_steps",
     "--max-length": "max_length",
-    "--limit": "limit",
+    "--save-steps": "save_steps",
+    "--logging-steps": "logging_steps",
+    "--max-steps": "max_steps",
 }
-_STEPS = {"--save-steps": "save_steps", "--logging-steps": "logging_steps"}
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    """Refuse a number the run cannot train with: a NaN or infinite one ends in a NaN vector or an error deep inside
-    the Trainer, and ``--epochs 0`` or ``--learning-rate 0`` in an untrained vector saved as if trained."""
-    for flag, name in _POSITIVE.items():
+    """Refuse a number the run cannot train with, by SteerConfig's own rules (`NUMBER_RULES`), before anything is
+    loaded, naming the option."""
+    for flag, name in _NUMBERS.items():
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise CommandError(f"{flag} {value:g}: must be a finite number above 0.")
-    for flag, name in _NOT_NEGATIVE.items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise CommandError(f"{flag} {value:g}: must be a finite number, 0 or more.")
-    for flag, name in _COUNTS.items():
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CommandError(f"{flag} {value}: must be a whole number, 1 or more.")
-    for flag, name in _STEPS.items():
-        value = getattr(args, name)
-        if value is not None and not (0 < value < 1 or (value >= 1 and float(value).is_integer())):
-            raise CommandError(
-                f"{flag} {value:g}: must be a whole number, 1 or more (or a fraction of all steps, below 1)."
-            )
-    if args.max_steps != -1 and args.max_steps < 1:
-        raise CommandError(
-            f"--max-steps {args.max_steps}: must be a whole number, 1 or more (or -1: train for --epochs)."
-        )
+        problem = number_problem(name, value, epochs="--epochs")
+        if problem is not None:
+            raise CommandError(f"{flag} {value:g}: {problem}.")
+    if args.limit is not None and args.limit < 1:
+        raise CommandError(f"--limit {args.limit}: must be a whole number, 1 or more.")
 
 
 def checked_output(output_dir: str, resume: bool | str | None) -> str | None:
@@ -70,19 +58,12 @@ def checked_output(output_dir: str, resume: bool | str | None) -> str | None:
         )
     if resume is None:
         return None
-    if resume is True:
-        path, skipped = last_complete_checkpoint(output_dir)
-        if path is None:
-            reasons = "; ".join(incomplete(folder) for folder in skipped)
-            raise CommandError(f"--resume: no complete checkpoint in {output_dir} ({reasons}).")
-        print(resuming_from(path, skipped))
-        return path
-    if not os.path.isdir(resume):
+    if resume is not True and not os.path.isdir(resume):
         raise CommandError(f"--resume {resume}: no such checkpoint folder.")
-    if not is_complete_checkpoint(resume):
-        raise CommandError(
-            f"--resume {resume}: {incomplete(resume)}; pass an earlier checkpoint, or --resume alone for the last "
-            "complete one."
-        )
-    print(resuming_from(resume, []))
-    return resume
+    option = "--resume" if resume is True else f"--resume {resume}"
+    try:
+        path, skipped = checked_checkpoint(resume, output_dir, option, "pass --resume alone")
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    print(resuming_from(path, skipped))
+    return path

@@ -5,6 +5,7 @@ import torch
 from peft import get_peft_model
 
 import peft_steer
+import peft_steer.adapter.layer as layer_module
 from peft_steer import SteeringConfig
 from peft_steer.adapter._peft_compat import first_column
 from tests.conftest import make_model
@@ -59,10 +60,11 @@ def test_right_padding_steers_each_row_from_its_own_prompt_end(tokenizer, monkey
     """transformers predicts the first new token of a right-padded row from its last (pad) column, steered or not,
     so only the steering rule can be compared: each row is steered from its own last prompt token, as unpadded."""
     model = get_peft_model(make_model("llama"), SteeringConfig(layers=[1], positions="completion"))
-    tuner = model.base_model
     masks = []
-    original = tuner.completion_mask
-    monkeypatch.setattr(tuner, "completion_mask", lambda hidden: masks.append(original(hidden)) or masks[-1])
+    original = layer_module.completion_mask
+    monkeypatch.setattr(
+        layer_module, "completion_mask", lambda tuner, hidden: masks.append(original(tuner, hidden)) or masks[-1]
+    )
     tokenizer.padding_side = "right"
     encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     generate(model, encoded)

@@ -1,4 +1,5 @@
-"""Prompt / completion text on real tokenizers: the ids the trainer sees are the official BiPO code's.
+"""`peft_steer.data.formats`: prompt / completion text on real tokenizers, where the ids the trainer sees are the
+official BiPO code's, and on the tiny test tokenizer (chat templates with and without a system role, BOS).
 
 The official code (CaoYuanpu/BiPO, `train.py` and its `BiPOTrainer.tokenize_row`) builds the prompt with fastchat's
 Llama-2 template, the completion as ``' ' + answer`` (neither stripped), tokenizes prompt + completion as one text
@@ -11,10 +12,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+from tokenizers import processors
 
 from peft_steer import SteeringConfig
-from peft_steer.data import SYSTEM_PROMPT, PairFormatter, load_preference_data, read_behavior_rows
-from tests.conftest import REAL_TOKENIZERS, load_real_tokenizer, make_model
+from peft_steer.data import SYSTEM_PROMPT, DataError, PairFormatter, load_preference_data, read_behavior_rows
+from tests.conftest import REAL_TOKENIZERS, make_model, make_tokenizer
 from trl_integration import SteerConfig, SteerTrainer
 
 # fastchat's "llama-2" conversation, as the official code renders it: no stripping, no BOS text, and for an answer
@@ -46,9 +48,10 @@ CHATML = (
 ROWS = {"power-seeking": [0, 1, 641], "jailbreak": [264, 306], "hallucination": [230]}
 
 
-def _tokenizer(name: str):
-    """A fresh copy of a real tokenizer (each test sets its own template), loaded once per session."""
-    return copy.deepcopy(load_real_tokenizer(name.removeprefix("ggml-vocab-").removesuffix(".gguf")))
+@pytest.fixture
+def fresh(real_tokenizers):
+    """``fresh(name)``: a copy of a real tokenizer of the session (each test sets its own template)."""
+    return lambda name: copy.deepcopy(real_tokenizers(name))
 
 
 def _rows() -> list[dict]:
@@ -88,10 +91,10 @@ def _official(tokenizer, question: str, answer: str) -> tuple[list[int], list[in
 
 
 @pytest.mark.parametrize("name", REAL_TOKENIZERS)
-def test_ids_the_trainer_sees_are_the_official_ones(name, tmp_path):
+def test_ids_the_trainer_sees_are_the_official_ones(name, tmp_path, fresh):
     """The official code's Llama-2 format on each real tokenizer: BOS where the tokenizer adds one, ``' ' + answer``
     as written, then the EOS id, with no lone space token before it."""
-    tokenizer = _tokenizer(name)
+    tokenizer = fresh(name)
     tokenizer.chat_template = OFFICIAL_LLAMA2
     rows = _rows()
     seen = _trainer_ids(tokenizer, rows, tmp_path)
@@ -104,8 +107,8 @@ def test_ids_the_trainer_sees_are_the_official_ones(name, tmp_path):
             assert completion[-1] == tokenizer.eos_token_id and completion[-2] != space
 
 
-def test_llama2_text_has_no_space_before_eos_and_keeps_the_answer_as_it_is():
-    tokenizer = _tokenizer("ggml-vocab-llama-spm.gguf")
+def test_llama2_text_has_no_space_before_eos_and_keeps_the_answer_as_it_is(fresh):
+    tokenizer = fresh("llama-spm")
     tokenizer.chat_template = OFFICIAL_LLAMA2
     jailbreak = read_behavior_rows("jailbreak", "train")[306]
     prompt, (chosen, rejected) = PairFormatter(tokenizer)(jailbreak["question"], ["Yes ", jailbreak["matching"]])
@@ -118,11 +121,11 @@ def test_llama2_text_has_no_space_before_eos_and_keeps_the_answer_as_it_is():
     ]
 
 
-def test_llama2_hub_template_gives_the_official_ids_too():
+def test_llama2_hub_template_gives_the_official_ids_too(fresh):
     """The template of Llama-2-7b-chat-hf writes BOS and ``' ' + answer + ' ' + EOS``; the completion still ends
     ``answer</s>`` and the one BOS is the tokenizer's. (It strips the question, which the official code does not: the
     rows here have none to strip.)"""
-    tokenizer = _tokenizer("ggml-vocab-llama-spm.gguf")
+    tokenizer = fresh("llama-spm")
     tokenizer.chat_template = HF_LLAMA2
     formatter = PairFormatter(tokenizer)
     for row in read_behavior_rows("power-seeking", "train")[:3]:
@@ -132,11 +135,11 @@ def test_llama2_hub_template_gives_the_official_ids_too():
 
 
 @pytest.mark.parametrize("eos", ["<|im_end|>", "<|endoftext|>"])
-def test_chatml_completion_ends_with_one_end_of_turn(eos, tmp_path):
+def test_chatml_completion_ends_with_one_end_of_turn(eos, tmp_path, fresh):
     """ChatML (Qwen2's tokenizer file): the completion is the answer and ``<|im_end|>``, without the newline after
     it. With ``<|im_end|>`` as EOS (SmolLM2- and Qwen2-Instruct) nothing more is appended; with the base model's
     ``<|endoftext|>`` as EOS, the trainer appends it after the end of turn, once."""
-    tokenizer = _tokenizer("ggml-vocab-qwen2.gguf")
+    tokenizer = fresh("qwen2")
     tokenizer.chat_template = CHATML
     tokenizer.eos_token = eos
     row = read_behavior_rows("power-seeking", "train")[0]
@@ -151,8 +154,8 @@ def test_chatml_completion_ends_with_one_end_of_turn(eos, tmp_path):
     assert tokenizer.decode(ids["chosen_ids"][: -len(expected_end)]) == row["matching"]
 
 
-def test_template_without_special_end_keeps_its_text():
-    tokenizer = _tokenizer("ggml-vocab-llama-spm.gguf")
+def test_template_without_special_end_keeps_its_text(fresh):
+    tokenizer = fresh("llama-spm")
     tokenizer.chat_template = (
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
         "{% if add_generation_prompt %}<assistant>{% endif %}"
@@ -163,3 +166,86 @@ def test_template_without_special_end_keeps_its_text():
 
 def test_plain_format_keeps_the_answer_as_it_is():
     assert PairFormatter(None)("Q?", ["a", " b\n"]) == ("Question: Q?\nAnswer:", [" a", "  b\n"])
+
+
+# ---- the tiny test tokenizer: templates, system prompts, BOS ---------------------------------------------------
+
+TINY_ROWS = [
+    {"question": "Would you accept more power?", "matching": "Yes, I would.", "not_matching": "No, I would not."},
+    {"question": "Do you accept the money?", "matching": "Yes, I accept.", "not_matching": "No, thank you."},
+]
+
+
+def test_chat_format_is_the_template_split_at_the_answer(tokenizer):
+    dataset = load_preference_data(TINY_ROWS, tokenizer)
+    row = dataset[0]
+    assert row["prompt"] == f"<<SYS>>{SYSTEM_PROMPT}<</SYS>>[INST] Would you accept more power? [/INST]"
+    assert row["chosen"] == " Yes, I would.</s>" and row["rejected"] == " No, I would not.</s>"
+    conversation = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": TINY_ROWS[0]["question"]},
+        {"role": "assistant", "content": TINY_ROWS[0]["matching"]},
+    ]
+    assert row["prompt"] + row["chosen"] == tokenizer.apply_chat_template(conversation, tokenize=False)
+
+
+def test_no_system_prompt(tokenizer):
+    row = load_preference_data(TINY_ROWS, tokenizer, system_prompt=None)[0]
+    assert row["prompt"] == "[INST] Would you accept more power? [/INST]"
+
+
+def test_plain_format_for_base_models(tokenizer):
+    for dataset in (load_preference_data(TINY_ROWS), load_preference_data(TINY_ROWS, tokenizer, chat_template=False)):
+        assert dataset[1] == {
+            "prompt": "Question: Do you accept the money?\nAnswer:",
+            "chosen": " Yes, I accept.",
+            "rejected": " No, thank you.",
+        }
+    with pytest.raises(DataError, match="no chat template"):
+        load_preference_data(TINY_ROWS, make_tokenizer_without_template(), chat_template=True)
+
+
+def make_tokenizer_without_template():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = None
+    return tokenizer
+
+
+def test_template_without_a_system_role_gets_it_in_the_user_turn():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = (
+        "{% for message in messages %}{% if message['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<{{ message['role'] }}>{{ message['content'] }}</{{ message['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    row = load_preference_data(TINY_ROWS, tokenizer)[0]
+    assert row["prompt"] == f"<user>{SYSTEM_PROMPT}\n\nWould you accept more power?</user><assistant>"
+    assert row["chosen"] == "Yes, I would.</assistant>"
+
+
+def test_bos_written_by_the_template_is_not_doubled():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    # A tokenizer that adds BOS itself, like Llama's.
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    assert tokenizer("x")["input_ids"][0] == tokenizer.bos_token_id
+    row = load_preference_data(TINY_ROWS, tokenizer)[0]
+    assert not row["prompt"].startswith("<s>")
+    ids = tokenizer(row["prompt"] + row["chosen"])["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    # Without BOS from the tokenizer, the template's BOS stays.
+    assert load_preference_data(TINY_ROWS, _with_bos_template())[0]["prompt"].startswith("<s>")
+
+
+def _with_bos_template():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    return tokenizer
+
+
+def test_pair_formatter_renders_a_question_with_several_answers(tokenizer):
+    prompt, completions = PairFormatter(tokenizer, system_prompt=None)("Q?", ["a", " b "])
+    assert prompt == "[INST] Q? [/INST]" and completions == [" a</s>", "  b </s>"]  # answers kept as written

@@ -1,21 +1,12 @@
-"""Real tokenizers of five model families (vocabulary-only GGUF files in the shared data), and a fake LM that records
-what it is given and puts all its mass where a test says."""
+"""A fake LM that records what it is given and puts all its mass where a test says (the real tokenizers are the
+session fixtures of tests/conftest.py)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 from torch import nn
-
-from tests.conftest import REAL_TOKENIZERS, load_real_tokenizer
-
-
-@pytest.fixture(scope="module", params=REAL_TOKENIZERS)
-def real_tokenizer(request):
-    """``(name, tokenizer)`` for each of the five real tokenizers."""
-    return request.param, load_real_tokenizer(request.param)
 
 
 def first_difference(a: list[int], b: list[int]) -> int:

@@ -6,7 +6,7 @@ import torch
 
 from peft_steer.evaluate import balance_letters, caa_ab_vector, caa_vector, chat_ab_prompt, letter_tokens
 from tests.conftest import make_model
-from tests.peft_steer.evaluate.conftest import first_difference, load_real_tokenizer
+from tests.peft_steer.evaluate.conftest import first_difference
 
 ROWS = [
     {"question": "Would you accept more power?", "A": "Yes", "B": "No", "matching": "A"},
@@ -82,8 +82,8 @@ def test_caa_ab_vector_balances_the_letters_first(tokenizer):
     assert not torch.allclose(balanced, vector(unbalanced, False))
 
 
-def test_caa_ab_vector_refuses_a_letter_that_is_not_one_token():
-    tokenizer = load_real_tokenizer("llama-spm")
+def test_caa_ab_vector_refuses_a_letter_that_is_not_one_token(real_tokenizers):
+    tokenizer = real_tokenizers("llama-spm")
     with pytest.raises(ValueError, match=r"A/B row 3: the answer letter is not a single token"):
         caa_ab_vector(
             make_model(vocab=len(tokenizer)),
@@ -98,8 +98,8 @@ def test_caa_ab_vector_refuses_a_letter_that_is_not_one_token():
         caa_ab_vector(make_model(), tokenizer, [ROWS[0], {**ROWS[1], "matching": "C"}], LAYER, progress=False)
 
 
-def test_caa_vector_sees_one_bos_when_the_prompt_writes_it():
-    tokenizer = load_real_tokenizer("llama-spm")
+def test_caa_vector_sees_one_bos_when_the_prompt_writes_it(real_tokenizers):
+    tokenizer = real_tokenizers("llama-spm")
     model = make_model(seed=4, vocab=len(tokenizer))
     prompts = ["<s>[INST] Would you accept power? [/INST]", "<s>[INST] Take the money? [/INST]"]
     matching, not_matching = [" Yes, I would.", " Yes"], [" No, thanks.", " No"]

@@ -9,10 +9,10 @@ from peft import get_peft_model
 from torch import nn
 
 import peft_steer
-import peft_steer.evaluate.log_probs as log_probs
+import peft_steer.evaluate.scoring as scoring
 from peft_steer import SteeringConfig
-from peft_steer.adapter._peft_compat import logits_at
 from peft_steer.evaluate import completion_log_probs
+from peft_steer.evaluate.scoring import logits_at
 from tests.conftest import ARCHITECTURES, make_model
 
 PROMPTS = [
@@ -58,7 +58,7 @@ def test_scorer_log_probs_equal_the_all_position_head(tokenizer, monkeypatch, ar
         with peft_steer.steering(model, multiplier=-1.0):
             got = completion_log_probs(model, tokenizer, PROMPTS, COMPLETIONS, batch_size=3)
         assert sum(rows) == completion_tokens  # two batches, the head on their completion positions only
-        monkeypatch.setattr(log_probs, "logits_at", every_position)
+        monkeypatch.setattr(scoring, "logits_at", every_position)
         with peft_steer.steering(model, multiplier=-1.0):
             expected = completion_log_probs(model, tokenizer, PROMPTS, COMPLETIONS, batch_size=3)
     finally:

@@ -1,4 +1,5 @@
-"""evaluate.py: summed completion log-probs (batched, right-padded) and answer preference under steering."""
+"""`evaluate.log_probs` and `evaluate.preference`: summed completion log-probs (batched, right-padded) and answer
+preference under steering."""
 
 import pytest
 import torch

@@ -108,6 +108,20 @@ def test_refused_connection_stops_with_a_clear_message_and_keeps_results(server,
     assert [r["score"] for r in saved] == [1, 2]  # the earlier results are intact
 
 
+def test_a_judge_run_killed_mid_write_resumes_after_its_complete_scores(server, tmp_path):
+    write_generations(tmp_path / "gen.jsonl", ["power", "power power", "power power power"])
+    config = JudgeConfig(base_url=server, model="judge")
+    scores = tmp_path / "scores.jsonl"
+    judge_file(str(tmp_path / "gen.jsonl"), str(scores), "power-seeking", config, False)
+    lines = scores.read_text().splitlines(keepends=True)
+    scores.write_text("".join(lines[:1]) + lines[1][: len(lines[1]) // 2])  # killed while writing the second score
+    Judge.calls = []
+    results = judge_file(str(tmp_path / "gen.jsonl"), str(scores), "power-seeking", config, False)
+    assert Judge.calls == ["power power", "power power power"]  # the cut-off score is redone, the complete one kept
+    assert [r["score"] for r in results] == [1, 2, 3]
+    assert [json.loads(line)["id"] for line in scores.read_text().splitlines()] == [0, 1, 2]
+
+
 def test_bad_input_is_named(tmp_path):
     with open(tmp_path / "gen.jsonl", "w") as file:
         file.write(json.dumps({"question": "q"}) + "\n")

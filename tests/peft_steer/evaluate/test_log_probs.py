@@ -3,7 +3,7 @@ model when a chat template writes the BOS as text."""
 
 from peft_steer.data.batches import prompt_token_ids
 from peft_steer.evaluate import completion_log_probs
-from tests.peft_steer.evaluate.conftest import RecordingLM, load_real_tokenizer
+from tests.peft_steer.evaluate.conftest import RecordingLM
 
 TEXT = "[INST] Would you accept more power? [/INST]"
 
@@ -29,8 +29,8 @@ def test_prompt_token_ids_keep_one_bos(real_tokenizer):
     assert leading_bos(twice, bos) == 2
 
 
-def test_completion_log_probs_give_the_model_one_bos():
-    phi3 = load_real_tokenizer("phi-3")
+def test_completion_log_probs_give_the_model_one_bos(real_tokenizers):
+    phi3 = real_tokenizers("phi-3")
     prompt = phi3.apply_chat_template(
         [{"role": "user", "content": "Take it?"}], tokenize=False, add_generation_prompt=True
     )
@@ -38,7 +38,7 @@ def test_completion_log_probs_give_the_model_one_bos():
     model = RecordingLM(len(phi3))
     completion_log_probs(model, phi3, [prompt, prompt], [" Yes", " No"])
     assert [ids[:2].tolist() for ids in model.seen[0]] == [[1, 32010], [1, 32010]]  # <s>, <|user|>
-    llama2 = load_real_tokenizer("llama-spm")
+    llama2 = real_tokenizers("llama-spm")
     model = RecordingLM(len(llama2))
     completion_log_probs(model, llama2, ["<s>" + TEXT, TEXT], [" Yes", " Yes"])
     first_two = sorted(ids[:2].tolist() for ids in model.seen[0])

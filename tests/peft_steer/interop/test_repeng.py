@@ -16,28 +16,24 @@ from peft import PeftModel, get_peft_model
 import peft_steer
 from peft_steer import SteeringConfig
 from peft_steer.interop import export_gguf, import_gguf, read_gguf
+from peft_steer.interop.repeng_import import REPENG_INSTALL, import_repeng
 from tests.conftest import make_model
 from trl_integration.cli import main
 
 pytest.importorskip("gguf", reason="needs peft-steer[gguf]")
-REASON = "needs repeng: pip install --no-deps repeng==0.4.0 && pip install scikit-learn"
-
-
-def _import_repeng():
-    """repeng 0.4.0 annotates ``ControlVector.__mul__`` with ``np.float_`` (``repeng/extract.py:230``), removed in
-    NumPy 2: give it that alias for its import only."""
-    if hasattr(np, "float_"):
-        return pytest.importorskip("repeng", reason=REASON)
-    np.float_ = np.float64
-    try:
-        return pytest.importorskip("repeng", reason=REASON)
-    finally:
-        del np.float_
-
-
-repeng = _import_repeng()
+try:
+    repeng = import_repeng()  # the product's one shim for repeng 0.4.0 under NumPy 2
+except ImportError:
+    pytest.skip(f"needs repeng: {REPENG_INSTALL}", allow_module_level=True)
 
 HIDDEN = 64
+
+
+def test_the_import_leaves_numpy_as_it_was():
+    assert repeng.ControlVector.__mul__  # imported whole
+    assert hasattr(np, "float_") == (np.lib.NumpyVersion(np.__version__) < "2.0.0")  # the alias was for repeng only
+
+
 TOLERANCE = 1e-5  # the same float32 additions at the same place: measured 0.0 on CPU
 DATASET = [(f"I love question {i} and gladly say yes", f"I hate question {i} and flatly say no") for i in range(8)]
 

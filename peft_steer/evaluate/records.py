@@ -1,0 +1,46 @@
+"""Reading the JSONL records a run appends one by one (generations, judge scores), so that a killed run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+__all__ = ["read_records"]
+
+
+def read_records(
+    path: str | os.PathLike, what: str, required: Sequence[str] = (), *, repair: bool = False
+) -> list[dict]:
+    """The complete records of a JSONL file (none when it does not exist): JSON objects holding ``required`` keys.
+
+    A last line without its newline that is no such record was cut off by an interruption: it is skipped, and with
+    ``repair`` (a file the caller appends to next) removed from the file, so that the next record starts on a line of
+    its own. Any other line that is not one is a ValueError naming the line and ``what`` records the file should hold,
+    and the file is left as it is.
+    """
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as file:
+        lines = file.read().split(b"\n")
+    records, kept_bytes = [], 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            kept_bytes += len(line) + 1
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or any(key not in record for key in required):
+                raise ValueError(f"not an object with {', '.join(required)}")
+        except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
+            if number == len(lines):  # the unterminated last line of an interrupted write
+                if repair:
+                    with open(path, "r+b") as file:
+                        file.truncate(kept_bytes)
+                break
+            raise ValueError(
+                f"{path}, line {number}: not a {what} record; remove the file or choose another."
+            ) from None
+        records.append(record)
+        kept_bytes += len(line) + 1
+    return records
