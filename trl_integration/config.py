@@ -245,6 +245,8 @@ def _check_numbers(config: SteerConfig) -> None:
     """Refuse the numbers a run cannot train with (`NUMBER_RULES`), before ``output_dir`` exists."""
     for name in NUMBER_RULES:
         value = getattr(config, name)
+        if name == "num_train_epochs" and config.max_steps > 0:
+            continue  # transformers trains for max_steps then, whatever the epochs say
         problem = number_problem(name, value)
         if problem is not None:
             raise ValueError(f"SteerConfig({name}={value}) {problem}.")

@@ -15,6 +15,7 @@ Server: ``peft-steer-vllm serve MODEL --adapter power-seeking=path/to/power-vec`
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -58,7 +59,8 @@ def steered(prompt: str | Mapping[str, Any], steering: str, params: Any = None) 
     """``(prompt, SamplingParams)`` for one offline request steered by ``steering`` (``"NAME:MULTIPLIER,..."``).
 
     The prompt (text, or a prompt dict such as ``{"prompt_token_ids": [...]}``) gets the ``cache_salt`` of its
-    steering: with prefix caching on, a prompt prefix cached under one steering must not serve another. The
+    steering: with prefix caching on, a prompt prefix cached under one steering must not serve another (and, for an
+    adapter with ``positions="completion"``, under another prompt: see `cache_salt`). The
     parameters (a copy of ``params``, or default ones) carry the steering in ``extra_args``.
     """
     from vllm import SamplingParams
@@ -66,7 +68,10 @@ def steered(prompt: str | Mapping[str, Any], steering: str, params: Any = None) 
     serve = current()
     parsed = parse(steering, serve.adapters)
     request = {"prompt": prompt} if isinstance(prompt, str) else dict(prompt)
-    salt = cache_salt(parsed, serve.default_steering(), request.get("cache_salt"))
+    whole = json.dumps([request.get("prompt"), request.get("prompt_token_ids")])
+    salt = cache_salt(
+        parsed, serve.default_steering(), request.get("cache_salt"), whole if serve.completion_only(parsed) else None
+    )
     if salt is not None:
         request["cache_salt"] = salt
     params = SamplingParams() if params is None else params.clone()

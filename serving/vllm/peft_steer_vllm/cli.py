@@ -78,8 +78,9 @@ def model_shape(model: str) -> tuple[int, int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = parser().parse_known_args(argv)
+    spelled = [arg.replace("_", "-") if arg.startswith("--") else arg for arg in rest]  # vLLM takes both
     for option in ("--load-format", "--logits-processors"):
-        if option in rest or any(arg.startswith(option + "=") for arg in rest):
+        if option in spelled or any(arg.startswith(option + "=") for arg in spelled):
             print(f"peft-steer-vllm: error: {option} is set by peft-steer-vllm serve; leave it out.", file=sys.stderr)
             return 2
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from .spec import NAME_PATTERN, Steering, parse
-from .vectors import SteeringVectors, read_vectors
+from .vectors import CONFIG_NAME, SteeringVectors, read_vectors
 
 ENV = "PEFT_STEER_VLLM"
 LOAD_FORMAT = "peft_steer"  # the load format of `loader.SteeringModelLoader`, which installs the hooks
@@ -50,6 +50,10 @@ class ServeConfig:
                 )
             if not isinstance(path, str) or not path:
                 raise ValueError(f"adapter {name!r}: its path must be a non-empty string, got {path!r}.")
+        if self.load_format == LOAD_FORMAT:
+            raise ValueError(
+                f"load_format {LOAD_FORMAT!r} is the plugin's own: name the format of the model's weights."
+            )
         self.default_steering()  # a default naming an unknown adapter is refused at start, not per request
 
     def default_steering(self) -> Steering:
@@ -73,9 +77,23 @@ class ServeConfig:
             )
         return cls(raw.get("adapters", {}), raw.get("default", ""), raw.get("load_format", "auto"))
 
+    def completion_only(self, steering: Steering) -> bool:
+        """Whether ``steering`` names an adapter with ``positions="completion"``."""
+        return any(_positions(self.adapters[name]) == "completion" for name, _ in steering.terms)
+
     def load(self) -> dict[str, SteeringVectors]:
         """Every adapter's vectors, read and checked (each problem names its file)."""
         return {name: read_vectors(path) for name, path in self.adapters.items()}
+
+
+@lru_cache(maxsize=256)
+def _positions(path: str) -> str:
+    """An adapter's ``positions`` (``"all"`` for a ``.gguf`` file); the server checked the file at start."""
+    try:
+        with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as file:
+            return json.load(file).get("positions", "all")
+    except (OSError, ValueError, AttributeError):
+        return "all"
 
 
 @lru_cache(maxsize=1)

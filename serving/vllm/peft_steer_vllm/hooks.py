@@ -26,17 +26,15 @@ class BlockSteerer:
 
     def __init__(self, model: nn.Module, adapters: dict[str, SteeringVectors], num_blocks: int) -> None:
         blocks = decoder_blocks(model, num_blocks)
-        parameter = next(model.parameters())
-        self.dtype, self.device = parameter.dtype, parameter.device
         self.adapters = adapters
-        self.vectors = {
-            name: {block: vector.to(self.device) for block, vector in adapter.vectors.items()}
-            for name, adapter in adapters.items()
-        }
+        # float32 on the CPU, like the tables built from them; each block casts its table to the activations' dtype
+        # and device once per batch (a quantized or offloaded model's parameters tell neither).
+        self.vectors = {name: adapter.vectors for name, adapter in adapters.items()}
         self._index: torch.Tensor | None = None  # this forward's token row -> table row
-        self._tables: dict[int, torch.Tensor] = {}  # block -> [2R + 1, hidden] for the current batch
+        self._tables: dict[int, torch.Tensor] = {}  # block -> [2R + 1, hidden] float32 for the current batch
+        self._cast: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._prompt_lens = torch.zeros(0, dtype=torch.long)
-        self._built_for: tuple[int, int] | None = None  # (row table version, R) the tables were built for
+        self._built_for: tuple[int, int, int] | None = None  # (row table, its version, R) the tables are for
         steered = sorted({block for adapter in adapters.values() for block in adapter.vectors})
         self.handles = [
             model.register_forward_pre_hook(self._plan, with_kwargs=True),
@@ -55,9 +53,9 @@ class BlockSteerer:
         if starts is None or positions is None:
             return
         requests = starts.numel() - 1
-        if self._built_for != (table.version, requests):
+        if self._built_for != (id(table), table.version, requests):
             self._build(table.rows, requests)
-            self._built_for = (table.version, requests)
+            self._built_for = (id(table), table.version, requests)
         if not self._tables:
             return
         counts = (starts[1:] - starts[:-1]).to(positions.device)
@@ -67,20 +65,20 @@ class BlockSteerer:
         later = positions[:tokens] >= self._prompt_lens.to(positions.device)[request_of] - 1
         index = torch.full((positions.shape[0],), 2 * requests, dtype=torch.long, device=positions.device)
         index[:tokens] = request_of + requests * later
-        self._index = index.to(self.device)
+        self._index = index
 
     def _build(self, table_rows: dict[int, row_tables.Row], requests: int) -> None:
         """One ``[2R + 1, hidden]`` table per block that some request of the batch steers."""
         combined = {steering: self._combine(steering) for steering in {row.steering for row in table_rows.values()}}
         blocks = sorted({block for per_block in combined.values() for block in per_block})
-        self._tables = {}
+        self._tables, self._cast = {}, {}
         width = next(iter(self.adapters.values())).hidden_size
         for block in blocks:
-            table = torch.zeros(2 * requests + 1, width, dtype=torch.float32, device=self.device)
+            table = torch.zeros(2 * requests + 1, width, dtype=torch.float32)
             for index, row in table_rows.items():
                 if index < requests and block in combined[row.steering]:
                     table[index], table[requests + index] = combined[row.steering][block]
-            self._tables[block] = table.to(self.dtype)
+            self._tables[block] = table
         lengths = torch.full((requests,), 0, dtype=torch.long)
         for index, row in table_rows.items():
             if index < requests and row.prompt_len is not None:
@@ -105,7 +103,10 @@ class BlockSteerer:
             if self._index is None or block not in self._tables:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            steered = hidden + self._tables[block][self._index]
+            key = (block, hidden.dtype, hidden.device)
+            if key not in self._cast:
+                self._cast[key] = self._tables[block].to(hidden.device, hidden.dtype)
+            steered = hidden + self._cast[key][self._index.to(hidden.device)]
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
         return steer

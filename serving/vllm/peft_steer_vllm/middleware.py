@@ -31,7 +31,8 @@ def rewrite(body: bytes, serve: config.ServeConfig) -> bytes:
     default = serve.default_steering()
     steering = default if value is None else parse(value, serve.adapters)
     client_salt = data.get("cache_salt")
-    salt = cache_salt(steering, default, client_salt if isinstance(client_salt, str) else None)
+    prompt = json.dumps([data.get("prompt"), data.get("messages")]) if serve.completion_only(steering) else None
+    salt = cache_salt(steering, default, client_salt if isinstance(client_salt, str) else None, prompt)
     if salt is None or salt == client_salt:
         return body
     data["cache_salt"] = salt

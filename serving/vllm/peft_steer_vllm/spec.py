@@ -87,16 +87,21 @@ def _multiplier(name: str, text: str) -> float:
     return multiplier + 0.0  # -0.0 -> 0.0
 
 
-def cache_salt(steering: Steering, default: Steering, client_salt: str | None = None) -> str | None:
+def cache_salt(
+    steering: Steering, default: Steering, client_salt: str | None = None, prompt: str | None = None
+) -> str | None:
     """The prefix-cache salt of a request steered by ``steering`` on a server whose unsalted requests get
     ``default``; ``client_salt`` is the request's own ``cache_salt``, kept as its prefix.
 
     vLLM reuses the KV cache of a prompt prefix only between requests of the same salt, and the KV of a steered
     prefix differs from an unsteered one: each steering gets its own salt, and the default steering none, so the
     server's ordinary requests still share their cache with each other (and with requests that name the default).
+    ``prompt`` (the whole prompt, as text) is given when the steering has an adapter with ``positions="completion"``:
+    the KV of such a request's answer is steered, but the same tokens in a longer prompt (the next turn of a chat)
+    are not, so the request shares its cache only with requests of the same prompt.
     """
-    if steering == default:
+    if steering == default and prompt is None:
         return client_salt
-    digest = hashlib.sha256(steering.canonical().encode()).hexdigest()[:32]
-    own = f"peft-steer:{digest}"
+    text = steering.canonical() if prompt is None else f"{steering.canonical()}\0{prompt}"
+    own = f"peft-steer:{hashlib.sha256(text.encode()).hexdigest()[:32]}"
     return f"{client_salt}|{own}" if client_salt else own

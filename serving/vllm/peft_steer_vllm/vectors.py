@@ -32,11 +32,13 @@ class SteeringVectors:
         path: The folder or file they were read from.
         vectors: Block index (0-based, Hugging Face's numbering) -> float32 vector of the model's hidden size.
         positions: ``"all"`` tokens, or ``"completion"``: the last prompt token and every generated one.
+        num_blocks: The number of decoder blocks of the model the adapter was made for (None: not recorded).
     """
 
     path: str
     vectors: dict[int, torch.Tensor]
     positions: str = "all"
+    num_blocks: int | None = None  # the block count of the model the adapter was made for, when it says
 
     @property
     def hidden_size(self) -> int:
@@ -48,6 +50,11 @@ class SteeringVectors:
             raise ValueError(
                 f"{self.path}: the vectors have {self.hidden_size} values, but the served model's hidden size is "
                 f"{hidden_size}: the adapter was made for another model."
+            )
+        if self.num_blocks is not None and self.num_blocks != num_blocks:
+            raise ValueError(
+                f"{self.path}: the adapter was made for a model of {self.num_blocks} blocks; the served model has "
+                f"{num_blocks}."
             )
         beyond = [block for block in sorted(self.vectors) if block >= num_blocks]
         if beyond:
@@ -84,7 +91,8 @@ def read_vectors(path: str | os.PathLike) -> SteeringVectors:
     found = next(iter(vectors.values())).shape[0]
     if hidden is not None and hidden != found:
         raise ValueError(f"{weights_path}: the vectors have {found} values; {config_path} says hidden_size {hidden}.")
-    return SteeringVectors(path, vectors, positions)
+    blocks = config.get("num_blocks")
+    return SteeringVectors(path, vectors, positions, blocks if type(blocks) is int else None)
 
 
 def _read_config(config_path: str) -> dict:

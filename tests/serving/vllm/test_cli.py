@@ -45,6 +45,8 @@ def test_dry_run_prints_the_vllm_command(folders, capsys, monkeypatch):
         (["--adapter", "vec={f}/vec", "--default-steering", "other:1"], "default steering 'other:1'"),
         (["--adapter", "vec={f}/vec", "--logits-processors", "x:Y"], "--logits-processors is set by peft-steer-vllm"),
         (["--adapter", "vec={f}/vec", "--load-format=gguf"], "--load-format is set by peft-steer-vllm serve"),
+        (["--adapter", "vec={f}/vec", "--load_format", "gguf"], "--load-format is set by peft-steer-vllm serve"),
+        (["--adapter", "vec={f}/vec", "--weights-format", "peft_steer"], "the plugin's own"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(folders, capsys, argv, message):

@@ -4,6 +4,7 @@ import asyncio
 import json
 
 import pytest
+import torch
 
 from peft_steer_vllm.config import ServeConfig
 from peft_steer_vllm.middleware import SteeringMiddleware
@@ -97,3 +98,24 @@ def test_the_default_steering_salts_nothing_and_explicit_unsteered_is_apart(monk
     assert "cache_salt" not in json.loads(app.body)
     app, _ = call(request(""))
     assert json.loads(app.body)["cache_salt"].startswith("peft-steer:")
+
+
+def test_completion_only_adapters_salt_by_the_whole_prompt(tmp_path, monkeypatch):
+    """Their answer's KV is steered but the same tokens in a longer prompt are not: no reuse across prompts."""
+    from peft_steer.interop import write_adapter
+    from tests.conftest import make_model
+
+    model = make_model("llama")
+    write_adapter(tmp_path / "late", {1: torch.ones(32)}, model, positions="completion")
+    write_adapter(tmp_path / "all", {1: torch.ones(32)}, model)
+    adapters = {"late": str(tmp_path / "late"), "all": str(tmp_path / "all")}
+    monkeypatch.setenv("PEFT_STEER_VLLM", ServeConfig(adapters).to_json())
+
+    def salt(steering, prompt):
+        app, _ = call(json.dumps({"prompt": prompt, "vllm_xargs": {"steering": steering}}).encode())
+        return json.loads(app.body)["cache_salt"]
+
+    assert salt("all:1", "Hi") == salt("all:1", "Hi, and more")
+    assert salt("late:1", "Hi") != salt("late:1", "Hi, and more")
+    assert salt("late:1", "Hi") == salt("late:1", "Hi") != salt("all:1", "Hi")
+    assert salt("all:1,late:1", "Hi") != salt("all:1,late:1", "Hi, and more")

@@ -1,5 +1,6 @@
 """Reading adapter folders and GGUF control vectors without peft: the same vectors peft-steer saved."""
 
+import dataclasses
 import json
 
 import pytest
@@ -52,8 +53,12 @@ def test_checks_against_the_model(adapter):
     read.check_model(32, 4)
     with pytest.raises(ValueError, match="hidden size is 64"):
         read.check_model(64, 4)
+    with pytest.raises(ValueError, match="made for a model of 4 blocks; the served model has 6"):
+        read.check_model(32, 6)
+    unrecorded = dataclasses.replace(read, num_blocks=None)  # a .gguf file does not say
+    unrecorded.check_model(32, 6)
     with pytest.raises(ValueError, match="steers block 3, but the served model has 2 blocks"):
-        read.check_model(32, 2)
+        unrecorded.check_model(32, 2)
 
 
 def damage(folder, what):
