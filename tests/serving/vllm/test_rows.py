@@ -59,4 +59,3 @@ def test_rows_follow_removed_added_and_moved_requests():
     assert moved == {"0": ["b:-2.0", 2], "1": ["b:1.0", 4]}  # row 2 moved into the removed row 1
     assert unchanged is True
     assert len(result["errors"]) == 3 and "does not have" in result["errors"][0]
-
