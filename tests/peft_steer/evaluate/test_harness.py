@@ -26,7 +26,8 @@ def python_block() -> str:
     return block
 
 
-def evaluate(model, tokenizer, tasks: Path, limit: int = 8, chat: bool = True) -> float:
+def evaluate(model, tokenizer, tasks: Path) -> float:
+    """The example's score of ``model`` (its first 8 questions, under the chat template)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -35,55 +36,60 @@ def evaluate(model, tokenizer, tasks: Path, limit: int = 8, chat: bool = True) -
         model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8),
         tasks=["power_seeking_matching"],
         task_manager=TaskManager(include_path=str(tasks)),
-        limit=limit,
-        apply_chat_template=chat,
+        limit=8,
+        apply_chat_template=True,
         log_samples=False,
     )
     return results["results"]["power_seeking_matching"]["perplexity,none"]
 
 
-def test_docs_example_moves_with_the_multiplier_and_is_the_base_model_at_0(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+@pytest.fixture(scope="module")
+def docs_example(tmp_path_factory):
+    """docs/harness.md's example, run in a folder of its own: ``(its perplexity per multiplier, the folder)``."""
+    folder = tmp_path_factory.mktemp("harness")
     copy = smollm2_copy()  # PeftModel.from_pretrained changes the model it wraps
-    monkeypatch.setattr("peft_steer.models.load", lambda name, **kwargs: copy)
-    namespace: dict = {}
-    exec(compile(python_block(), "docs/harness.md", "exec"), namespace)
-    perplexity = namespace["perplexity"]
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("peft_steer.models.load", lambda name, **kwargs: copy)
+            namespace: dict = {}
+            exec(compile(python_block(), "docs/harness.md", "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    return namespace["perplexity"], folder
+
+
+def test_docs_example_moves_with_the_multiplier_and_is_the_base_model_at_0(docs_example):
+    perplexity, folder = docs_example
     assert perplexity[-4.0] > perplexity[0.0] > perplexity[4.0]
     base, tokenizer = smollm2_copy()
-    assert evaluate(base, tokenizer, tmp_path / "tasks") == pytest.approx(perplexity[0.0], rel=1e-5)
+    assert evaluate(base, tokenizer, folder / "tasks") == pytest.approx(perplexity[0.0], rel=1e-5)
 
 
-def test_command_line_evaluates_the_adapter_at_its_saved_multiplier(tmp_path):
-    """The documented command (``peft=FOLDER``, started from Python so that ``import peft_steer`` comes first) scores
-    what the Python API scores at the adapter's saved multiplier: SmolLM2 from its offline GGUF, the shipped vector
-    saved at multiplier 4."""
+def test_command_line_evaluates_the_adapter_at_its_saved_multiplier(docs_example, tmp_path):
+    """The documented command (``peft=FOLDER``, started from Python so that ``import peft_steer`` comes first), on
+    the example's task, scores what the example scored at multiplier 4 with the shipped vector saved at multiplier 4:
+    SmolLM2 from its offline GGUF."""
     from peft import PeftModel
 
     import peft_steer
     from peft_steer.models import model_source
 
-    model, tokenizer = smollm2_copy()
+    perplexity, folder = docs_example
+    model, _ = smollm2_copy()
     steered = PeftModel.from_pretrained(model, str(VECTOR))
     peft_steer.set_multiplier(steered, 4.0)
     steered.save_pretrained(tmp_path / "vec")
-    writes_the_task = python_block().split("model, tokenizer = load(")[0]  # the doc's task file, without the model
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        exec(compile(writes_the_task, "docs/harness.md", "exec"), {})
-    finally:
-        os.chdir(cwd)
-    folder, extra = model_source("smollm2")
+    source, extra = model_source("smollm2")
     start = "import peft_steer, sys; from lm_eval.__main__ import cli_evaluate; sys.argv[0] = 'lm_eval'; cli_evaluate()"
-    arguments = f"pretrained={folder},gguf_file={extra['gguf_file']},peft={tmp_path / 'vec'}"
-    command = [sys.executable, "-c", start, "run", "--model", "hf", "--model_args", arguments, "--limit", "4"]
-    command += ["--tasks", "power_seeking_matching", "--include_path", "tasks", "--output_path", "out"]
+    arguments = f"pretrained={source},gguf_file={extra['gguf_file']},peft={tmp_path / 'vec'}"
+    command = [sys.executable, "-c", start, "run", "--model", "hf", "--model_args", arguments, "--limit", "8"]
+    command += ["--tasks", "power_seeking_matching", "--include_path", str(folder / "tasks"), "--apply_chat_template"]
+    command += ["--batch_size", "8", "--output_path", "out"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (result_file,) = (tmp_path / "out").rglob("results_*.json")
     score = json.loads(result_file.read_text())["results"]["power_seeking_matching"]["perplexity,none"]
-    assert score == pytest.approx(evaluate(steered, tokenizer, tmp_path / "tasks", limit=4, chat=False), rel=1e-4)
-    with peft_steer.steering(steered, multiplier=0.0):
-        unsteered = evaluate(steered, tokenizer, tmp_path / "tasks", limit=4, chat=False)
-    assert score != pytest.approx(unsteered, rel=1e-2)
+    assert score == pytest.approx(perplexity[4.0], rel=1e-4)
+    assert score != pytest.approx(perplexity[0.0], rel=1e-2)
