@@ -35,7 +35,7 @@ def evaluate(model, tokenizer, tasks: Path) -> float:
     results = simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8),
         tasks=["power_seeking_matching"],
-        task_manager=TaskManager(include_path=str(tasks)),
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
         limit=8,
         apply_chat_template=True,
         log_samples=False,
