@@ -14,10 +14,11 @@ def read_records(
 ) -> list[dict]:
     """The complete records of a JSONL file (none when it does not exist): JSON objects holding ``required`` keys.
 
-    A last line without its newline that is no such record was cut off by an interruption: it is skipped, and with
-    ``repair`` (a file the caller appends to next) removed from the file, so that the next record starts on a line of
-    its own. Any other line that is not one is a ValueError naming the line and ``what`` records the file should hold,
-    and the file is left as it is.
+    A last line without its newline that starts a JSON object but does not parse was cut off by an interruption: it
+    is skipped, and with ``repair`` (a file the caller appends to next) removed from the file; a complete last record
+    without its newline gets one, so that the next record starts on a line of its own. Any other line that is not a
+    record (plain text, or whole JSON of another shape, even on the last line) is a ValueError naming the line and
+    ``what`` records the file should hold, and the file is left as it is.
     """
     if not os.path.exists(path):
         return []
@@ -30,17 +31,18 @@ def read_records(
             continue
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or any(key not in record for key in required):
-                raise ValueError(f"not an object with {', '.join(required)}")
         except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
-            if number == len(lines):  # the unterminated last line of an interrupted write
+            record = None
+            if number == len(lines) and line.lstrip().startswith(b"{"):  # the last line of an interrupted write
                 if repair:
                     with open(path, "r+b") as file:
                         file.truncate(kept_bytes)
                 break
-            raise ValueError(
-                f"{path}, line {number}: not a {what} record; remove the file or choose another."
-            ) from None
+        if not isinstance(record, dict) or any(key not in record for key in required):
+            raise ValueError(f"{path}, line {number}: not a {what} record; remove the file or choose another.")
         records.append(record)
         kept_bytes += len(line) + 1
+    if repair and lines[-1].strip() and records and kept_bytes > len(b"\n".join(lines)):
+        with open(path, "ab") as file:  # a complete last record without its newline (an editor's save)
+            file.write(b"\n")
     return records

@@ -87,3 +87,21 @@ def test_generate_writes_records_as_they_come_and_a_rerun_skips_what_is_done(mod
     rerun = [json.loads(line) for line in out.read_text().splitlines()]
     assert rerun == records
     assert main([*argv[:-2], "--out", str(tmp_path)]) == 2  # a folder is refused
+
+
+def test_generate_refuses_a_file_that_holds_no_records_and_adds_a_missing_newline(model_dir, adapter_dir, tmp_path):
+    """A one-line file of another tool (no newline) is not taken for a half-written record and emptied; a records
+    file whose last line lacks its newline (an editor's save) gets one before the next record (issue 24, items 1-2)."""
+    argv = ["generate", "--model", model_dir, "--adapter", adapter_dir, "--prompt", "Take power?"]
+    argv += ["--max-new-tokens", "3"]
+    for text in ('{"model":"x","scores":[1,2,3]}', "plain notes, not JSON"):
+        other = tmp_path / "results.json"
+        other.write_text(text)
+        assert main([*argv, "--multipliers", "0", "--out", str(other)]) == 2
+        assert other.read_text() == text
+    out = tmp_path / "answers.jsonl"
+    assert main([*argv, "--multipliers", "0", "--out", str(out)]) == 0
+    out.write_text(out.read_text().rstrip("\n"))
+    assert main([*argv, "--multipliers", "0,1", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["multiplier"] for r in records] == [0.0, 1.0]
