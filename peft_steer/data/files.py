@@ -75,7 +75,9 @@ def read_file(path: str) -> list[Row]:
         return read_csv(text, path)
     if extension == ".jsonl":
         rows = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
+        # "\n" only, as JSON Lines does: str.splitlines also breaks at U+2028, U+2029, \x85 and \x0c, which a JSON
+        # string may hold unescaped (json.dumps(..., ensure_ascii=False) writes them); a "\r" left over is whitespace
+        for line_number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -162,7 +164,11 @@ def read_csv(text: str, path: str) -> list[Row]:
     A quoted cell whose closing quote is missing is a `DataError` at the line where it opens: Python's reader would
     otherwise take the rest of the file as that one cell.
     """
-    lines = text.splitlines(keepends=True)
+    # CSV ends a record at "\n" or "\r\n" only; str.splitlines would also break at U+2028, U+2029, \x85 and \x0c
+    lines = [line + "\n" for line in text.split("\n")]
+    lines[-1] = lines[-1][:-1]
+    if not lines[-1]:
+        lines.pop()
     reader = csv.reader(lines)
     try:
         header = next(reader)

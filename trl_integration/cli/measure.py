@@ -10,6 +10,7 @@ from typing import Any
 
 from peft import PeftModel
 
+from peft_steer.adapter.config import FLOAT32_MAX
 from peft_steer.data import (
     BEHAVIORS,
     SYSTEM_PROMPT,
@@ -101,8 +102,12 @@ def parse_multipliers(text: str) -> list[float]:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise CommandError(f"--multipliers {text!r}: expected comma-separated numbers, e.g. -1,0,1.") from None
-    if not values or any(value != value or abs(value) == float("inf") for value in values):
-        raise CommandError(f"--multipliers {text!r}: expected comma-separated finite numbers, e.g. -1,0,1.")
+    if not values or any(value != value or abs(value) > FLOAT32_MAX for value in values):
+        # checked before any work: a strength beyond float32's range makes the steered activations inf
+        raise CommandError(
+            f"--multipliers {text[:80]!r}: expected comma-separated finite numbers within float32's range (the "
+            "vectors' dtype), e.g. -1,0,1."
+        )
     return values
 
 

@@ -118,3 +118,22 @@ def test_a_bad_file_is_named_with_its_line_and_column(tmp_path, tokenizer, name,
         path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         load_preference_data(str(path), tokenizer)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85", "\x0c"])
+def test_line_separators_inside_cells_are_text_not_line_ends(tmp_path, separator):
+    """JSON Lines and CSV end a line at "\\n" only (issue 24): str.splitlines would also break at these."""
+    from peft_steer.data.files import read_source
+
+    jsonl = tmp_path / "pairs.jsonl"
+    record = {"question": f"a{separator}b", "matching": "Yes", "not_matching": "No"}
+    jsonl.write_text(
+        json.dumps(record, ensure_ascii=False) + "\r\n" + json.dumps(record, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
+    rows = read_source(str(jsonl))
+    assert len(rows) == 2 and rows[1].values["question"] == f"a{separator}b"
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text(f"question,matching,not_matching\na{separator}b,Yes,No\r\nc,Yes,No\n", encoding="utf-8")
+    rows = read_source(str(csv_file))
+    assert [row.values["question"] for row in rows] == [f"a{separator}b", "c"]

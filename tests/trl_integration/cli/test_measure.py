@@ -59,6 +59,8 @@ def test_eval_ab_on_a_data_file_and_bad_input(model_dir, adapter_dir, tmp_path, 
     assert "A/B score" in capsys.readouterr().out
     assert main([*base, "--multipliers", "-2,x"]) == 2
     assert "--multipliers" in capsys.readouterr().err
+    assert main([*base, "--multipliers", "1,1e39"]) == 2  # refused before m=1 is computed (issue 24)
+    assert "float32's range" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("question,A,B\nTake power?,Yes,No\n")
     assert main([*base[:-4], "--data", str(bad)]) == 2
