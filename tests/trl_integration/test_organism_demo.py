@@ -23,3 +23,11 @@ def test_demo_trains_compares_and_writes_its_outputs(tmp_path, capsys):
     loaded = PeftModel.from_pretrained(model, folder / "adapters")  # the BiPO adapter loads back
     assert loaded.peft_config["default"].layers == [2]
     assert main(["demo", "--organism", "--out", str(tmp_path), "--epochs", "1"]) == 2  # nothing is overwritten
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1", "nan"])
+def test_demo_refuses_epochs_train_refuses_before_any_work(tmp_path, capsys, epochs):
+    """An untrained vector is no result: the organism demo applies `peft-steer train`'s rule (issue 24)."""
+    assert main(["demo", "--organism", "--out", str(tmp_path), "--epochs", epochs]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

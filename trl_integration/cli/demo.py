@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..config import number_problem
 from ..demo import run_demo
 from ..organism_demo import run_organism_demo
+from .errors import CommandError
 
 
 def add_demo_command(commands: Any) -> None:
@@ -32,6 +34,9 @@ def add_demo_command(commands: Any) -> None:
 def run(args: argparse.Namespace) -> None:
     """The chat-model demo, or the organism demo with --organism."""
     if args.organism:
+        problem = number_problem("num_train_epochs", args.epochs)  # the rule `peft-steer train` applies
+        if problem is not None:
+            raise CommandError(f"--epochs {args.epochs}: {problem} (an untrained vector is no result).")
         run_organism_demo(out=args.out, behavior=args.behavior, layer=args.layer, epochs=args.epochs)
     else:
         run_demo(out=args.out)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import save_file
 
 import peft_steer
 from peft_steer import SteeringConfig
@@ -27,6 +28,15 @@ def test_info_prints_blocks_size_and_norms(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["layers"] == [1, 3] and summary["hidden_size"] == 32 and summary["num_blocks"] == 4
     assert summary["vector_norms"] == {"1": round(0.5 * 32**0.5, 6), "3": 0.0}
+
+
+def test_info_refuses_a_non_finite_vector_instead_of_printing_invalid_json(tmp_path, capsys):
+    model = get_peft_model(make_model(), SteeringConfig(layers=[1]))
+    model.save_pretrained(tmp_path)
+    save_file({KEY: torch.full((32,), float("nan"))}, str(tmp_path / WEIGHTS_NAME))
+    assert main(["info", str(tmp_path)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "block 1 holds NaN or inf" in out.err and out.err.count("\n") == 1
 
 
 def test_info_on_a_folder_without_an_adapter(tmp_path, capsys):
