@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["publish_new", "staging_path", "written_whole"]
+__all__ = ["publish_new", "staging_path", "usual_permissions", "written_whole"]
 
 
 def staging_path(destination: str) -> str:
@@ -21,6 +21,14 @@ def staging_path(destination: str) -> str:
     parent = os.path.dirname(os.path.abspath(destination))
     os.makedirs(parent, exist_ok=True)
     return os.path.join(parent, f".peft-steer-{secrets.token_hex(8)}-{os.path.basename(destination)}")
+
+
+def usual_permissions(path: str) -> None:
+    """Give ``path`` the mode a plain ``open`` gives a new file (0666 less the umask): safetensors' ``save_file``
+    creates its files 0600, which a shared folder or a pushed repository should not get for one file alone."""
+    mask = os.umask(0)
+    os.umask(mask)  # the only way to read it
+    os.chmod(path, 0o666 & ~mask)
 
 
 def publish_new(staging: str, destination: str) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from peft.config import PeftConfig
 
+from ..staging import usual_permissions
 from .card import write_model_card
 
 STEERING = "STEERING"
+WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name for the saved vectors
 POSITIONS = ("all", "completion")
 INITS = ("zeros", "random")
 # The vectors are float32: a strength beyond this makes ``m * v`` inf even where ``m`` is a finite Python float.
@@ -154,3 +157,6 @@ class SteeringConfig(PeftConfig):
         """
         super().save_pretrained(save_directory, **kwargs)
         write_model_card(save_directory, self)
+        weights = os.path.join(save_directory, WEIGHTS_NAME)
+        if os.path.isfile(weights):  # PEFT writes it just before the config, with safetensors' private mode
+            usual_permissions(weights)

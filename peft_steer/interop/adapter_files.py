@@ -17,12 +17,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..adapter._peft_compat import block_of_saved_key, saved_vector_key
-from ..adapter.config import STEERING, SteeringConfig
+from ..adapter.config import STEERING, WEIGHTS_NAME, SteeringConfig
 from ..adapter.model import check_vector, resolve_config
 from ..models import load_config, portable_name
-from ..staging import written_whole
+from ..staging import usual_permissions, written_whole
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -179,3 +178,4 @@ def _write_folder(directory: str, config: SteeringConfig, tensors: dict[str, tor
     with written_whole(directory, folder=True) as staging:
         config.save_pretrained(staging)
         save_file(tensors, os.path.join(staging, WEIGHTS_NAME), metadata={"format": "pt"})
+        usual_permissions(os.path.join(staging, WEIGHTS_NAME))

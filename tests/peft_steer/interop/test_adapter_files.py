@@ -132,3 +132,22 @@ def test_an_output_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match="out is a file"):
         write_adapter(tmp_path / "out", {1: torch.ones(32)}, tmp_path / "base")
     assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_every_file_of_a_saved_adapter_gets_the_usual_permissions(tmp_path):
+    """safetensors creates its files 0600; the project's folders get one mode for all files (issue 24)."""
+    import os
+    import stat
+
+    from peft import get_peft_model
+
+    from peft_steer import SteeringConfig
+    from peft_steer.interop import write_adapter
+
+    get_peft_model(make_model(), SteeringConfig(layers=[1])).save_pretrained(tmp_path / "saved")
+    write_adapter(tmp_path / "written", {1: torch.ones(32)}, make_model())
+    for folder in ("saved", "written"):
+        modes = {
+            name: stat.S_IMODE(os.stat(tmp_path / folder / name).st_mode) for name in os.listdir(tmp_path / folder)
+        }
+        assert len(set(modes.values())) == 1, modes
