@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import reprlib
 import typing
 from collections.abc import Hashable, Iterable
 from typing import Any, Literal
@@ -228,7 +229,7 @@ def _converted(action: argparse.Action, value: Any, where: str) -> Any:
     """``value`` of the file for ``action``, converted and checked as the same text on the command line would be."""
     if action.nargs == 0:  # a flag: --no-chat-template, --no_precompute_ref_log_probs
         if not isinstance(value, bool):
-            raise CommandError(f"{where}: expected true or false, got {value!r}.")
+            raise CommandError(f"{where}: expected true or false, got {_quoted(value)}.")
         return action.const if value else _LEFT
     if value is None:
         return None
@@ -239,20 +240,31 @@ def _converted(action: argparse.Action, value: Any, where: str) -> Any:
 
 def _one_value(action: argparse.Action, value: Any, where: str) -> Any:
     convert = action.type
+    if convert in (None, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(
+            value
+        )  # a text option (output_dir: 123): the text the number was written as, as on the command line
     if isinstance(value, str) and callable(convert):
         try:
             value = convert(value)
         except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise CommandError(f"{where}: {value!r} is not a {getattr(convert, '__name__', 'valid value')}.") from None
+            raise CommandError(
+                f"{where}: {_quoted(value)} is not a {getattr(convert, '__name__', 'valid value')}."
+            ) from None
     elif convert in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise CommandError(f"{where}: {value!r} is not a {convert.__name__}.")
+            raise CommandError(f"{where}: {_quoted(value)} is not a {convert.__name__}.")
         if convert is int and not float(value).is_integer():
-            raise CommandError(f"{where}: {value!r} is not a whole number.")
+            raise CommandError(f"{where}: {_quoted(value)} is not a whole number.")
         value = convert(value)
     if action.choices is not None and isinstance(value, Hashable) and value not in action.choices:
-        raise CommandError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}.")
+        raise CommandError(f"{where}: {_quoted(value)} is not one of {', '.join(map(str, action.choices))}.")
     return value
+
+
+def _quoted(value: Any) -> str:
+    """``repr(value)`` cut short: a YAML alias bomb is a small file whose value is billions of nested items."""
+    return reprlib.repr(value)
 
 
 def _default(action: argparse.Action, default: Any) -> Any:

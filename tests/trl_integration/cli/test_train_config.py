@@ -205,6 +205,12 @@ def test_a_parquet_file_and_a_folder_as_data(tmp_path, model_dir, recorded):
     assert len(run.train_dataset) == 6
 
 
+# 0.9 kB of YAML: each list holds the one before it 9 times, 9**9 items in all
+ALIAS_BOMB = (
+    "learning_rate: [&a [x, x, x, x, x, x, x, x, x], "
+    + ", ".join(f"&{b} [" + ", ".join([f"*{a}"] * 9) + "]" for a, b in zip("abcdefgh", "bcdefghi"))
+    + "]\n"
+)
 BAD_FILES = {
     "unknown key": ("lerning_rate: 0.1\n", "unknown key 'lerning_rate' (did you mean 'learning_rate'?)"),
     "bad choice": ("direction_sampling: sideways\n", "direction_sampling: 'sideways' is not one of"),
@@ -215,6 +221,8 @@ BAD_FILES = {
     "not a mapping": ("- learning_rate\n", "expected a mapping of option names to values, got a list"),
     "bad YAML": ("beta: [0.1\n", "not valid YAML"),
     "a bad number in the file is checked too": ("beta: .nan\n", "--beta nan: must be a finite number above 0"),
+    # issue 24: an error quotes a bounded part of a value (the whole repr of the alias bomb ran out of memory)
+    "an alias bomb": (ALIAS_BOMB, "learning_rate: [['x', 'x', 'x', 'x', 'x', 'x', ...], [['x', 'x', 'x',"),
 }
 
 
@@ -283,3 +291,11 @@ def test_the_yaml_example_of_the_docs_names_only_options(tmp_path, monkeypatch):
     args = build_parser().parse_args(["train", "--config", _yaml(tmp_path / "run.yaml", example)])
     args.config_file.apply(args, args.config)
     assert args.layers == [14] and args.learning_rate == 5e-4 and args.hub_model_id == "me/bipo-qwen-power-seeking"
+
+
+def test_a_number_for_a_text_option_is_its_text(tmp_path, model_dir, pairs_csv, recorded, monkeypatch):
+    """`output_dir: 123` names the folder 123, as `--output_dir 123` does (issue 24: it was a TypeError)."""
+    monkeypatch.chdir(tmp_path)
+    config = _yaml(tmp_path / "run.yaml", "output_dir: 123\n")
+    run = recorded(["--config", config, "--model", model_dir, "--data", pairs_csv, "--layer", "1"])
+    assert run.args.output_dir == "123"
