@@ -102,8 +102,17 @@ def _direction(weights_path: str, block: int, vector: torch.Tensor, multiplier: 
     return scaled.numpy()
 
 
+def _gguf() -> Any:
+    """The gguf package, or a ValueError saying how to install it (an ImportError would be a traceback)."""
+    try:
+        import gguf
+    except ImportError:
+        raise ValueError('llama.cpp control vectors need the gguf package: pip install "peft-steer[gguf]".') from None
+    return gguf
+
+
 def _write_gguf(out_path: str, directions: dict[int, np.ndarray], hint: str) -> None:
-    import gguf
+    gguf = _gguf()
 
     with written_whole(out_path) as staging:
         writer = gguf.GGUFWriter(staging, arch=GGUF_ARCH)
@@ -148,7 +157,7 @@ def _read_file(path: str, float_types: tuple[str, ...] = _FLOAT_TYPES) -> tuple[
 
 
 def _open(path: str) -> Any:
-    import gguf
+    gguf = _gguf()
 
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError(f"{path} is empty: not a GGUF file.")

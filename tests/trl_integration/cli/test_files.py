@@ -3,6 +3,7 @@
 
 import errno
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -145,3 +146,12 @@ def test_import_on_a_full_disk_leaves_nothing(tmp_path, capsys, monkeypatch):
     args = ["import-official", tmp_path / "vector.pt", "--layer", "1", "--base-model", tmp_path / "base"]
     fails([*args, "--out", tmp_path / "out"], capsys, tmp_path / "out", "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "vector.pt"]
+
+
+def test_export_and_import_without_gguf_installed_say_how_to_install_it(tmp_path, capsys, monkeypatch):
+    model = get_peft_model(make_model(), SteeringConfig(layers=[1]))
+    model.save_pretrained(tmp_path / "vec")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
+    assert main(["export-gguf", str(tmp_path / "vec"), str(tmp_path / "v.gguf")]) == 2
+    assert 'pip install "peft-steer[gguf]"' in capsys.readouterr().err
+    assert not (tmp_path / "v.gguf").exists()
