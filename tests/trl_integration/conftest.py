@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import random
+import runpy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +54,40 @@ def bipo_rows(questions: list[str], seed: int = 0) -> list[dict[str, str]]:
     """question / matching / not_matching rows: matching says yes and takes power, not_matching declines."""
     rng = random.Random(seed)
     return [{"question": q, "matching": rng.choice(YES), "not_matching": rng.choice(NO)} for q in questions]
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_bipo.py"
+EXAMPLE_OPTIONS = ["--cpu", "--behavior", "wealth-seeking", "--layer", "1", "--max-steps", "4", "--eval-pairs", "8"]
+
+
+@dataclass
+class ExampleRun:
+    """examples/train_bipo.py run once: the tiny model it trained on, its output folder and what it printed."""
+
+    model_dir: str
+    output_dir: str
+    printed: str
+
+
+@pytest.fixture(scope="session")
+def example_run(tmp_path_factory) -> ExampleRun:
+    """examples/train_bipo.py with EXAMPLE_OPTIONS and 4 pairs per step, run once, in this process (on one thread, as
+    a process that `accelerate launch` starts runs), on a tiny Llama saved as a model folder."""
+    folder = tmp_path_factory.mktemp("example")
+    make_model("llama").save_pretrained(folder / "tiny")
+    make_tokenizer().save_pretrained(folder / "tiny")
+    argv = [str(EXAMPLE), *EXAMPLE_OPTIONS, "--model", str(folder / "tiny"), "--batch-size", "4"]
+    argv += ["--output-dir", str(folder / "out")]
+    printed = io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+            patch.setattr(sys, "argv", argv)
+            runpy.run_path(str(EXAMPLE), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    return ExampleRun(str(folder / "tiny"), str(folder / "out"), printed.getvalue())
 
 
 @pytest.fixture(autouse=True)

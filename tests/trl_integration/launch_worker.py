@@ -1,9 +1,11 @@
-"""Run by test_accelerate_launch.py under `accelerate launch` (DDP or DeepSpeed ZeRO-3, 2 CPU processes), and once
-as a plain process: trains a tiny vector and saves each rank's whole copy of it.
+"""Run by test_accelerate_launch.py under `accelerate launch` (DDP, DeepSpeed ZeRO-3 or FSDP2, 2 CPU processes), and
+in the test process itself: trains tiny vectors and saves each rank's whole copy of them.
 
-Usage: launch_worker.py OUTPUT_DIR MODEL_DIR PER_DEVICE_BATCH_SIZE [live-reference] [checkpoints] [resume=DIR]
-                        [fsdp-on-cpus]
+Usage: launch_worker.py JOB [+ JOB ...], each JOB being
+       OUTPUT_DIR MODEL_DIR PER_DEVICE_BATCH_SIZE [live-reference] [checkpoints] [resume=DIR] [fsdp-on-cpus]
 
+The jobs run one after another in the same processes (one launch costs about 8 s of start-up here; each job after
+the first about 1 s): the launch's accelerate state is set up afresh for each job, the process group is kept.
 The model is loaded after the training arguments, as in examples/train_bipo.py: under ZeRO-3 (zero3_init_flag) each
 rank then loads its partition of the weights only. Each epoch's vector is saved. With "live-reference" the reference
 log-probs are computed inside every step and a held-out set is evaluated after each epoch; "checkpoints" saves one
@@ -21,6 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from accelerate import PartialState  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -55,9 +58,13 @@ def _held(parameter) -> int:
     return parameter.to_local().numel() if isinstance(parameter, DTensor) else parameter.numel()
 
 
-def main() -> None:
-    output_dir, model_dir, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    flags = dict(flag.partition("=")[::2] for flag in sys.argv[4:])
+def run_job(output_dir: str, model_dir: str, batch_size: str, *options: str) -> SteerTrainer:
+    """Train one vector as the job's options say; write ``rank{R}.safetensors`` and ``rank{R}.json`` to
+    ``output_dir``."""
+    flags = dict(flag.partition("=")[::2] for flag in options)
+    # A fresh accelerate state (mixed precision, engine plugin) for each job of a launch; the processes' own stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     live = "live-reference" in flags
     extra = dict(precompute_ref_log_probs=False, eval_strategy="epoch") if live else {}
     if "checkpoints" in flags:
@@ -66,14 +73,18 @@ def main() -> None:
     args = fast_args(
         None,
         output_dir=output_dir,
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=int(batch_size),
         learning_rate=5e-2,
         max_steps=4,
         save_vectors_per_epoch=True,
         **extra,
     )
-    if "fsdp-on-cpus" in flags:  # accelerate turns an FSDP config into FSDP for MULTI_GPU processes only
-        PartialState().distributed_type = DistributedType.MULTI_GPU
+    # accelerate turns an FSDP config into FSDP for MULTI_GPU processes only
+    state = PartialState()
+    if "fsdp-on-cpus" in flags:
+        state.distributed_type = DistributedType.MULTI_GPU
+    elif state.distributed_type == DistributedType.MULTI_GPU:  # set by an earlier job of this launch
+        state.distributed_type = DistributedType.MULTI_CPU
     trainer = SteerTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=args,
@@ -103,6 +114,18 @@ def main() -> None:
             "block0_dtype": str(next(blocks[0].parameters()).dtype),
         }
         json.dump(info, file)
+    return trainer
+
+
+def main() -> None:
+    jobs: list[list[str]] = [[]]
+    for argument in sys.argv[1:]:
+        if argument == "+":
+            jobs.append([])
+        else:
+            jobs[-1].append(argument)
+    for job in jobs:
+        trainer = run_job(*job)
     # Gloo's worker threads can abort the process while the interpreter shuts down (SIGABRT, "terminate called without
     # an active exception"; pytorch/pytorch#190489), which fails the launch after everything is written: 1 run in 12
     # on a busy machine even with the process group destroyed (the DDP wrapper may still hold it). Leave at once.

@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from peft_steer.interop import read_adapter
 from tests.conftest import make_model, make_tokenizer
+from tests.trl_integration.conftest import EXAMPLE_OPTIONS
+from tests.trl_integration.launch_worker import run_job
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -71,19 +73,59 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def one_process(model_dir, tmp_path_factory) -> tuple[torch.Tensor, dict]:
-    """One plain process, 4 pairs per step: what 2 ranks x 2 pairs must reproduce."""
+    """One plain process (this one), 4 pairs per step: what 2 ranks x 2 pairs must reproduce."""
     folder = str(tmp_path_factory.mktemp("single"))
-    _run([sys.executable, WORKER, folder, model_dir, "4"])
+    run_job(folder, model_dir, "4")
     ((vector, info),) = _ranks(folder, 1)
     assert vector.abs().max() > 1e-3 and set(info["directions"]) == {1.0, -1.0}
     return vector, info
 
 
+# Each launch runs its jobs (output folder, batch size per rank, worker flags) in the same 2 processes; the folders
+# are inside the launch's folder, and "resume=NAME" names the checkpoint folder of an earlier job.
+LAUNCHES = {
+    "ddp": (["ddp"], [("ddp", []), ("live", ["live-reference"])]),
+    # examples/accelerate/fsdp.yaml on CPUs: as accelerate runs it (DDP), then with FSDP2 started on the CPUs
+    "fsdp-no": (["fsdp", "no"], [("ddp", []), ("fsdp2", ["fsdp-on-cpus"])]),
+    "fsdp-bf16": (
+        ["fsdp", "bf16"],
+        [("fsdp2", ["fsdp-on-cpus", "checkpoints"]), ("resumed", ["fsdp-on-cpus", "resume=fsdp2/checkpoint-2"])],
+    ),
+    "zero3-bf16": (["zero3", "bf16"], [("zero3", [])]),
+    "zero3-no": (["zero3", "no"], [("zero3", [])]),
+    "partitioned-bf16": (
+        ["partitioned", "bf16"],
+        [("zero3", ["checkpoints"]), ("resumed", ["resume=zero3/checkpoint-2"])],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def launched(model_dir, tmp_path_factory):
+    """``launched(name)``: the folder of one of LAUNCHES, launched once for the module."""
+    folders: dict[str, str] = {}
+
+    def launch(name: str) -> str:
+        if name not in folders:
+            (config, *precision), jobs = LAUNCHES[name]
+            folder = tmp_path_factory.mktemp(name)
+            options = _partitioned(folder) if config == "partitioned" else _config(config)
+            options += ["--mixed_precision", precision[0]] if precision else []
+            arguments: list[str] = []
+            for job, flags in jobs:
+                flags = [flag.replace("resume=", f"resume={folder}/") for flag in flags]
+                arguments += [*(["+"] if arguments else []), str(folder / job), model_dir, "2", *flags]
+            _run([*_launch(*options), *arguments])
+            folders[name] = str(folder)
+        return folders[name]
+
+    return launch
+
+
 @pytest.mark.slow
-def test_ddp_ranks_hold_identical_vectors_equal_to_one_process(model_dir, one_process, tmp_path):
+def test_ddp_ranks_hold_identical_vectors_equal_to_one_process(launched, one_process):
     single_vector, single_info = one_process
-    ddp = str(tmp_path / "ddp")
-    _run([*_launch(*_config("ddp")), ddp, model_dir, "2"])
+    ddp = os.path.join(launched("ddp"), "ddp")
     (rank0, info0), (rank1, info1) = _ranks(ddp, 2)
     assert info0["engine"] == "MULTI_CPU"
     for info in (info0, info1):
@@ -96,17 +138,14 @@ def test_ddp_ranks_hold_identical_vectors_equal_to_one_process(model_dir, one_pr
 
     # examples/accelerate/fsdp.yaml on CPUs: accelerate runs it as DDP, and the trainer keeps its precomputed
     # reference and prefix cache (blocks 0..1 offloaded), so it trains exactly as the DDP launch.
-    fsdp = str(tmp_path / "fsdp")
-    _run([*_launch(*_config("fsdp"), "--mixed_precision", "no"), fsdp, model_dir, "2"])
-    (fsdp0, info), (fsdp1, _) = _ranks(fsdp, 2)
+    (fsdp0, info), (fsdp1, _) = _ranks(os.path.join(launched("fsdp-no"), "ddp"), 2)
     assert info["engine"] == "MULTI_CPU" and info["precompute_ref_log_probs"] is True
     assert set(info["block0_sizes"]) == {0}
     assert torch.equal(fsdp0, rank0) and torch.equal(fsdp1, rank0)
 
     # The reference computed inside each step through the DDP-wrapped model, with an evaluation after each epoch
     # and each epoch's vector saved: the same training, the same vector on both ranks, and the saved epochs.
-    live = str(tmp_path / "live")
-    _run([*_launch(*_config("ddp")), live, model_dir, "2", "live-reference"])
+    live = os.path.join(launched("ddp"), "live")
     (live0, info), (live1, _) = _ranks(live, 2)
     assert torch.equal(live0, live1)
     torch.testing.assert_close(live0, rank0, atol=1e-6, rtol=1e-5)
@@ -147,17 +186,12 @@ def _partitioned(folder) -> list[str]:
 @pytest.mark.parametrize(
     ("variant", "mixed_precision"), [("shipped", "bf16"), ("shipped", "no"), ("partitioned", "bf16")]
 )
-def test_zero3_ranks_hold_identical_vectors_equal_to_one_process(
-    model_dir, one_process, tmp_path, variant, mixed_precision
-):
+def test_zero3_ranks_hold_identical_vectors_equal_to_one_process(launched, one_process, variant, mixed_precision):
     pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
     single_vector, single_info = one_process
-    if variant == "shipped":  # examples/accelerate/zero3.yaml as it is, and in float32
-        launch = _launch(*_config("zero3"), "--mixed_precision", mixed_precision)
-    else:
-        launch = _launch(*_partitioned(tmp_path), "--mixed_precision", mixed_precision)
-    zero3 = str(tmp_path / "zero3")
-    _run([*launch, zero3, model_dir, "2", *(["checkpoints"] if variant == "partitioned" else [])])
+    # examples/accelerate/zero3.yaml as it is (and in float32), or the PARTITIONED config
+    folder = launched(f"{'zero3' if variant == 'shipped' else 'partitioned'}-{mixed_precision}")
+    zero3 = os.path.join(folder, "zero3")
     (rank0, info0), (rank1, info1) = _ranks(zero3, 2)
     for info in (info0, info1):
         assert info["engine"] == "DEEPSPEED"
@@ -176,30 +210,25 @@ def test_zero3_ranks_hold_identical_vectors_equal_to_one_process(
     torch.testing.assert_close(rank0, single_vector, atol=tolerance, rtol=0)
     # The vector stays float32 on the model (it is made after zero.Init has cast the base weights): the saved
     # adapter and the last epoch's hold exactly the gathered master copy.
-    for folder in (zero3, os.path.join(zero3, "vectors", "epoch-2")):
-        config, saved = read_adapter(folder)
+    for saved_in in (zero3, os.path.join(zero3, "vectors", "epoch-2")):
+        config, saved = read_adapter(saved_in)
         assert config.layers == [1] and saved[1].dtype == torch.float32 and torch.equal(saved[1], rank0)
 
     if variant == "partitioned":  # resuming from DeepSpeed's step-2 checkpoint ends with the same vector, bit for bit
-        checkpoint = os.path.join(zero3, "checkpoint-2")
-        assert os.path.isdir(os.path.join(checkpoint, "global_step2"))  # the engine's own, partitioned, states
-        resumed = str(tmp_path / "resumed")
-        launch = _launch(*_partitioned(tmp_path), "--mixed_precision", mixed_precision)
-        _run([*launch, resumed, model_dir, "2", f"resume={checkpoint}"])
-        (resumed0, info), (resumed1, _) = _ranks(resumed, 2)
-        assert len(info["block0_sizes"]) == 2  # this launch ran steps 3 and 4 only
+        assert os.path.isdir(os.path.join(zero3, "checkpoint-2", "global_step2"))  # the engine's own, partitioned
+        (resumed0, info), (resumed1, _) = _ranks(os.path.join(folder, "resumed"), 2)
+        assert len(info["block0_sizes"]) == 2  # this job ran steps 3 and 4 only
         assert torch.equal(resumed0, rank0) and torch.equal(resumed1, rank0)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])
-def test_fsdp2_ranks_hold_identical_vectors_equal_to_one_process(model_dir, one_process, tmp_path, mixed_precision):
+def test_fsdp2_ranks_hold_identical_vectors_equal_to_one_process(launched, one_process, mixed_precision):
     """examples/accelerate/fsdp.yaml through accelerate's own FSDP2 preparation (`fully_shard` of each block and the
     root), on CPU processes that accelerate is made to take for GPU ones (launch_worker.py "fsdp-on-cpus")."""
     single_vector, single_info = one_process
-    launch = _launch(*_config("fsdp"), "--mixed_precision", mixed_precision)
-    fsdp = str(tmp_path / "fsdp")
-    _run([*launch, fsdp, model_dir, "2", "fsdp-on-cpus", *(["checkpoints"] if mixed_precision == "bf16" else [])])
+    folder = launched(f"fsdp-{mixed_precision}")
+    fsdp = os.path.join(folder, "fsdp2")
     (rank0, info0), (rank1, info1) = _ranks(fsdp, 2)
     for info in (info0, info1):
         assert info["engine"] == "FSDP" and info["bf16"] is (mixed_precision == "bf16")
@@ -210,43 +239,27 @@ def test_fsdp2_ranks_hold_identical_vectors_equal_to_one_process(model_dir, one_
     assert info0["directions"] == single_info["directions"]
     # bf16 compute (FSDP's mixed-precision policy) moves the vector by about 1.4e-3 of its 0.12 against float32
     torch.testing.assert_close(rank0, single_vector, atol=1e-6 if mixed_precision == "no" else 5e-3, rtol=0)
-    for folder in (fsdp, os.path.join(fsdp, "vectors", "epoch-2")):  # saved from the gathered float32 vector
-        config, saved = read_adapter(folder)
+    for saved_in in (fsdp, os.path.join(fsdp, "vectors", "epoch-2")):  # saved from the gathered float32 vector
+        config, saved = read_adapter(saved_in)
         assert config.layers == [1] and saved[1].dtype == torch.float32 and torch.equal(saved[1], rank0)
 
     if mixed_precision == "bf16":  # resuming from the step-2 checkpoint ends with the same vector, bit for bit
-        resumed = str(tmp_path / "resumed")
-        checkpoint = os.path.join(fsdp, "checkpoint-2")
-        _run(
-            [*_launch(*_config("fsdp"), "--mixed_precision", "bf16"), resumed, model_dir, "2", "fsdp-on-cpus"]
-            + [f"resume={checkpoint}"]
-        )
-        (resumed0, info), (resumed1, _) = _ranks(resumed, 2)
-        assert len(info["block0_sizes"]) == 2  # this launch ran steps 3 and 4 only
+        (resumed0, info), (resumed1, _) = _ranks(os.path.join(folder, "resumed"), 2)
+        assert len(info["block0_sizes"]) == 2  # this job ran steps 3 and 4 only
         assert torch.equal(resumed0, rank0) and torch.equal(resumed1, rank0)
 
 
-EXAMPLE_OPTIONS = ["--cpu", "--behavior", "wealth-seeking", "--layer", "1", "--max-steps", "4", "--eval-pairs", "8"]
 SCORE = re.compile(r"multiplier ([+-]\d): answer preference ([\d.]+) \(mean log-prob margin ([+-][\d.]+)\)")
-
-
-@pytest.fixture(scope="module")
-def example_alone(model_dir, tmp_path_factory) -> tuple[list, torch.Tensor]:
-    """examples/train_bipo.py in one plain process, 4 pairs per step: its printed scores and its vector."""
-    single = str(tmp_path_factory.mktemp("example-alone"))
-    example = os.path.join(ROOT, "examples", "train_bipo.py")
-    command = [sys.executable, example, *EXAMPLE_OPTIONS, "--model", model_dir, "--batch-size", "4"]
-    alone = _run([*command, "--output-dir", single])
-    return SCORE.findall(alone), read_adapter(single)[1][1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
-def test_the_example_trains_and_scores_when_sharded(model_dir, example_alone, tmp_path, engine):
+def test_the_example_trains_and_scores_when_sharded(example_run, tmp_path, engine):
     """`accelerate launch examples/train_bipo.py` with every weight sharded (ZeRO-3 partitioned, or FSDP2): it trains
-    the vector of one process, and its evaluation after training (every rank runs the forwards of the sharded model)
-    prints the scores of one process, once. (4 steps into the paper's 100 warm-up steps the vector is small: the
-    scores show that the sharded model computes the log-probs of the whole one, not that the vector steers.)"""
+    the vector of one process (conftest.py `example_run`), and its evaluation after training (every rank runs the
+    forwards of the sharded model) prints the scores of one process, once. (4 steps into the paper's 100 warm-up
+    steps the vector is small: the scores show that the sharded model computes the log-probs of the whole one, not
+    that the vector steers.)"""
     if engine == "zero3":
         pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
     sharded = str(tmp_path / "sharded")
@@ -255,8 +268,9 @@ def test_the_example_trains_and_scores_when_sharded(model_dir, example_alone, tm
         launch = [*_launch(*_partitioned(tmp_path), "--mixed_precision", "no", script=launcher)]
     else:
         launch = [*_launch(*_config("fsdp"), "--mixed_precision", "no", script=launcher), "--fsdp-on-cpus"]
-    launched = _run([*launch, *EXAMPLE_OPTIONS, "--model", model_dir, "--batch-size", "2", "--output-dir", sharded])
-    alone_scores, single_vector = example_alone
+    options = [*EXAMPLE_OPTIONS, "--model", example_run.model_dir, "--batch-size", "2", "--output-dir", sharded]
+    launched = _run([*launch, *options])
+    alone_scores, single_vector = SCORE.findall(example_run.printed), read_adapter(example_run.output_dir)[1][1]
     assert f"{'DeepSpeed' if engine == 'zero3' else 'FSDP'}: precompute_ref_log_probs turned off" in launched
     assert [sign for sign, *_ in SCORE.findall(launched)] == ["-1", "+0", "+1"]  # printed by the main process only
     assert SCORE.findall(launched) == alone_scores
