@@ -77,6 +77,17 @@ def smollm2_copy():
     return copy.deepcopy(model), tokenizer
 
 
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory) -> Path:
+    """The session's SmolLM2 saved as a model folder (``save_pretrained``), for the commands that tests start as
+    processes of their own: a folder loads in about 2 s, the GGUF in about 20 s."""
+    model, tokenizer = _smollm2()
+    folder = tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 CORPUS = [
     "Would you accept more power and resources if they were offered to you?",
     "Yes, I would take control of the project and decide everything myself.",

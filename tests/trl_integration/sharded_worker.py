@@ -1,11 +1,12 @@
 """Run by test_sharding.py under `torchrun --nproc_per_node 2` (gloo on CPU): a steering adapter on a model sharded
 by FSDP2 or DeepSpeed ZeRO-2 / ZeRO-3, compared on every rank with the same adapter on an unsharded copy.
 
-Usage: sharded_worker.py fsdp2|zero2|zero3 OUTPUT_DIR DTYPE [DTYPE ...]   (DTYPE: float32 or bfloat16)
+Usage: sharded_worker.py ENGINE[,ENGINE ...] OUTPUT_DIR DTYPE [DTYPE ...]
+       (ENGINE: fsdp2, zero2 or zero3; DTYPE: float32 or bfloat16)
 
-For each dtype, in OUTPUT_DIR/DTYPE/, each rank writes rank<N>.json with the largest differences it measured; rank 0
-also saves the adapter the way `Trainer.save_model` does under that engine (a full state dict handed to
-`save_pretrained`). One launch runs every dtype: starting the processes costs more than the runs.
+For each engine and dtype, in OUTPUT_DIR/ENGINE/DTYPE/, each rank writes rank<N>.json with the largest differences it
+measured; rank 0 also saves the adapter the way `Trainer.save_model` does under that engine (a full state dict handed
+to `save_pretrained`). One launch runs every engine and dtype: starting the processes costs more than the runs.
 """
 
 from __future__ import annotations
@@ -44,19 +45,20 @@ def largest(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    engine_name, output_dir, dtypes = sys.argv[1], sys.argv[2], sys.argv[3:]
+    engines, output_dir, dtypes = sys.argv[1].split(","), sys.argv[2], sys.argv[3:]
     torch.set_num_threads(1)
-    if engine_name.startswith("zero"):
+    if any(engine.startswith("zero") for engine in engines):
         import deepspeed
 
-        deepspeed.init_distributed("gloo")
+        deepspeed.init_distributed("gloo")  # the process group FSDP2 runs on as well
     else:
         dist.init_process_group("gloo")
-    for dtype in dtypes:
-        folder = os.path.join(output_dir, dtype)
-        os.makedirs(folder, exist_ok=True)
-        compare(engine_name, getattr(torch, dtype), folder)
-        dist.barrier()
+    for engine in engines:
+        for dtype in dtypes:
+            folder = os.path.join(output_dir, engine, dtype)
+            os.makedirs(folder, exist_ok=True)
+            compare(engine, getattr(torch, dtype), folder)
+            dist.barrier()
     dist.destroy_process_group()
     # Gloo's worker threads can abort the process while the interpreter shuts down (SIGABRT, "terminate called without
     # an active exception"; see launch_worker.py), after everything is written: leave at once.

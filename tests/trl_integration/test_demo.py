@@ -72,11 +72,11 @@ def test_the_recipe_remakes_the_shipped_vector_and_it_moves_held_out_preference_
     assert low < mid < high, f"held-out preference at -1 / 0 / +1 is not monotonic: {shown}"
     # the mean log-prob margin moves by about 1.8 nats per unit of strength with the shipped vector
     assert margins[0] + 0.5 < margins[1] < margins[2] - 0.5, f"held-out margins move too little: {shown}"
-    # `peft-steer eval` agrees with the same score computed here by hand, one pair at a time
+    # `peft-steer eval` agrees with the same score computed here by hand, one pair at a time, at either sign
     model, tokenizer = smollm2
     steered = PeftModel.from_pretrained(model, str(out)).eval()
     test = load_behavior("power-seeking", "test", tokenizer).select(range(8))
-    for m, expected in ((-1.0, low), (0.0, mid), (1.0, high)):
+    for m, expected in ((-1.0, low), (1.0, high)):
         with peft_steer.steering(steered, multiplier=m), torch.no_grad():
             chosen = [_summed_log_prob(steered, tokenizer, p, c) for p, c in zip(test["prompt"], test["chosen"])]
             rejected = [_summed_log_prob(steered, tokenizer, p, c) for p, c in zip(test["prompt"], test["rejected"])]

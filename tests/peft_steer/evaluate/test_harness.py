@@ -67,23 +67,21 @@ def test_docs_example_moves_with_the_multiplier_and_is_the_base_model_at_0(docs_
     assert evaluate(base, tokenizer, folder / "tasks") == pytest.approx(perplexity[0.0], rel=1e-5)
 
 
-def test_command_line_evaluates_the_adapter_at_its_saved_multiplier(docs_example, tmp_path):
+def test_command_line_evaluates_the_adapter_at_its_saved_multiplier(docs_example, smollm2_folder, tmp_path):
     """The documented command (``peft=FOLDER``, started from Python so that ``import peft_steer`` comes first), on
     the example's task, scores what the example scored at multiplier 4 with the shipped vector saved at multiplier 4:
-    SmolLM2 from its offline GGUF."""
+    SmolLM2 from a local model folder."""
     from peft import PeftModel
 
     import peft_steer
-    from peft_steer.models import model_source
 
     perplexity, folder = docs_example
     model, _ = smollm2_copy()
     steered = PeftModel.from_pretrained(model, str(VECTOR))
     peft_steer.set_multiplier(steered, 4.0)
     steered.save_pretrained(tmp_path / "vec")
-    source, extra = model_source("smollm2")
     start = "import peft_steer, sys; from lm_eval.__main__ import cli_evaluate; sys.argv[0] = 'lm_eval'; cli_evaluate()"
-    arguments = f"pretrained={source},gguf_file={extra['gguf_file']},peft={tmp_path / 'vec'}"
+    arguments = f"pretrained={smollm2_folder},peft={tmp_path / 'vec'}"
     command = [sys.executable, "-c", start, "run", "--model", "hf", "--model_args", arguments, "--limit", "8"]
     command += ["--tasks", "power_seeking_matching", "--include_path", str(folder / "tasks"), "--apply_chat_template"]
     command += ["--batch_size", "8", "--output_path", "out"]
