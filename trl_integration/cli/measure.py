@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -18,6 +19,7 @@ from peft_steer.data import (
     PairFormatter,
     load_behavior,
     load_preference_data,
+    neutral_questions,
     read_behavior_rows,
 )
 from peft_steer.data.files import read_source
@@ -30,6 +32,7 @@ from peft_steer.evaluate import (
     plain_ab_prompt,
     score_table,
     side_by_side,
+    steering_costs,
 )
 from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
 from peft_steer.staging import publish_new, written_whole
@@ -37,6 +40,9 @@ from peft_steer.staging import publish_new, written_whole
 from .errors import CommandError
 
 METRICS = ("ab", "preference")
+COST_PROMPTS = 16  # enough to see a strength break the model; the cost grows with prompts x multipliers x tokens
+COST_TOKENS = 32
+COSTS = ("drift", "perplexity", "repetition")
 
 
 def add_measure_commands(commands: Any) -> None:
@@ -59,6 +65,7 @@ def add_measure_commands(commands: Any) -> None:
     evaluate.add_argument("--multipliers", default="-1,0,1", help="Comma-separated strengths (default -1,0,1).")
     evaluate.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass (default 8).")
     evaluate.add_argument("--json", default=None, help="Also write the scores to this JSON file (must not exist).")
+    _add_cost_options(evaluate)
     evaluate.set_defaults(run=run_eval)
 
     generate = commands.add_parser(
@@ -74,6 +81,30 @@ def add_measure_commands(commands: Any) -> None:
     generate.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default 8).")
     generate.add_argument("--out", required=True, help="The JSONL file to write; an existing one is resumed.")
     generate.set_defaults(run=run_generate)
+
+
+def _add_cost_options(parser: argparse.ArgumentParser) -> None:
+    costs = parser.add_argument_group(
+        "costs",
+        "What each strength costs against the unsteered model (multiplier 0), measured on the shipped neutral "
+        "questions (off-target prompts) in the same prompt format: drift (mean KL divergence of the next-token "
+        "distribution, nats), perplexity of the steered greedy answers under the unsteered model, and their "
+        "repetition (share of repeated token 4-grams). The work is about prompts x multipliers x tokens generated.",
+    )
+    costs.add_argument(
+        "--cost-prompts",
+        type=int,
+        default=COST_PROMPTS,
+        help=f"How many of the {len(neutral_questions())} shipped neutral questions to measure the costs on "
+        f"(default {COST_PROMPTS}).",
+    )
+    costs.add_argument(
+        "--cost-max-new-tokens",
+        type=int,
+        default=COST_TOKENS,
+        help=f"Tokens per greedy answer for perplexity and repetition (default {COST_TOKENS}).",
+    )
+    costs.add_argument("--no-costs", action="store_true", help="Measure the behavior score only.")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +196,7 @@ def run_eval(args: argparse.Namespace) -> None:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1.")
     if args.data and not os.path.exists(args.data):
         raise CommandError(f"--data {args.data}: no such file or folder.")
+    cost_questions = _cost_questions(args)
     _check_adapter(args)
     tokenizer = load_tokenizer(args.model)
     try:
@@ -196,8 +228,21 @@ def run_eval(args: argparse.Namespace) -> None:
         )
         scores = {m: result.score for m, result in results.items()}
         margins = {m: result.margin for m, result in results.items()}
+    costs = {}
+    if cost_questions:
+        formatter = PairFormatter(tokenizer, **_format_options(args))
+        measured = steering_costs(
+            model,
+            tokenizer,
+            [formatter.prompt(question) for question in cost_questions],
+            multipliers,
+            max_new_tokens=args.cost_max_new_tokens,
+            batch_size=args.batch_size,
+            progress=True,
+        )
+        costs = {name: {m: getattr(cost, name) for m, cost in measured.items()} for name in COSTS}
     columns = {"A/B score" if args.metric == "ab" else "preference": scores}
-    print(score_table(columns | ({"mean margin": margins} if margins else {}), signed={"mean margin"}))
+    print(score_table(columns | ({"mean margin": margins} if margins else {}) | costs, signed={"mean margin"}))
     if args.json:
         report = {
             "metric": args.metric,
@@ -208,8 +253,38 @@ def run_eval(args: argparse.Namespace) -> None:
             "adapter": os.path.abspath(args.adapter),
             "source": args.behavior or args.data,
         }
+        if costs:
+            report |= {name: _keyed(values) for name, values in costs.items()}
+            report["costs"] = {
+                "prompts": len(cost_questions),
+                "max_new_tokens": args.cost_max_new_tokens,
+                "on": "the shipped neutral questions (peft_steer.data.neutral_questions)",
+                "drift": "mean KL(steered || multiplier 0) of the next-token distribution after each prompt, nats",
+                "perplexity": "of the steered greedy answers under the model at multiplier 0 (null: no token)",
+                "repetition": "mean share of repeated token 4-grams of the steered greedy answers",
+            }
         write_new_file(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
+
+
+def _keyed(values: dict[float, float]) -> dict[str, float | None]:
+    """``{m: value}`` keyed as ``"scores"`` is, NaN as null (JSON has no NaN)."""
+    return {str(float(m)): None if math.isnan(value) else value for m, value in values.items()}
+
+
+def _cost_questions(args: argparse.Namespace) -> list[str]:
+    """The neutral questions the costs are measured on (none with --no-costs), after checking the cost options."""
+    if args.no_costs:
+        return []
+    questions = neutral_questions()
+    if not 1 <= args.cost_prompts <= len(questions):
+        raise CommandError(
+            f"--cost-prompts {args.cost_prompts}: must be from 1 to {len(questions)} (the shipped neutral questions); "
+            "--no-costs measures no cost."
+        )
+    if args.cost_max_new_tokens < 1:
+        raise CommandError(f"--cost-max-new-tokens {args.cost_max_new_tokens}: must be at least 1.")
+    return questions[: args.cost_prompts]
 
 
 def write_new_file(path: str, text: str) -> None:

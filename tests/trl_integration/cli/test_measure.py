@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from peft_steer import SteeringConfig, steering
-from peft_steer.data import load_behavior
-from peft_steer.evaluate import completion_log_probs
+from peft_steer.data import PairFormatter, load_behavior, neutral_questions
+from peft_steer.evaluate import completion_log_probs, next_token_drift
 from peft_steer.models import load_model, load_tokenizer
 from trl_integration.cli import main
 
@@ -29,6 +29,7 @@ def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapt
     out = tmp_path / "scores.json"
     argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--behavior", "power-seeking"]
     argv += ["--metric", "preference", "--multipliers", "-1,0,1", "--limit", "6", "--json", str(out)]
+    argv += ["--cost-prompts", "4", "--cost-max-new-tokens", "6"]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["metric"] == "preference" and report["n"] == 6
@@ -49,6 +50,32 @@ def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapt
     assert "multiplier" in table and "+1" in table
     assert main(argv) == 2  # the JSON file is never overwritten
     assert json.loads(out.read_text()) == report
+    # the costs, keyed as the scores are, on the first 4 neutral questions in the same prompt format
+    header = next(line for line in table.splitlines() if line.lstrip().startswith("multiplier"))
+    assert all(name in header for name in ("drift", "perplexity", "repetition"))
+    assert all(list(report[name]) == ["-1.0", "0.0", "1.0"] for name in ("drift", "perplexity", "repetition"))
+    assert report["costs"]["prompts"] == 4 and report["costs"]["max_new_tokens"] == 6
+    prompts = [PairFormatter(tokenizer).prompt(question) for question in neutral_questions()[:4]]
+    drift = next_token_drift(model, tokenizer, prompts, [-1, 0, 1])
+    assert report["drift"] == {str(m): pytest.approx(value, abs=1e-9) for m, value in drift.items()}
+    assert report["drift"]["0.0"] == 0.0 and report["drift"]["1.0"] > 0
+    assert all(value is None or value >= 1 for value in report["perplexity"].values())
+    assert all(0 <= value <= 1 for value in report["repetition"].values())
+
+
+def test_eval_cost_options(model_dir, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    base = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--behavior", "power-seeking"]
+    base += ["--metric", "preference", "--multipliers", "0,2", "--limit", "2"]
+    for option, value in (("--cost-prompts", "0"), ("--cost-prompts", "49"), ("--cost-max-new-tokens", "0")):
+        assert main([*base, option, value, "--json", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert option in error and len(error.strip().splitlines()) == 1
+        assert not out.exists()
+    assert main([*base, "--no-costs", "--json", str(out)]) == 0
+    assert "drift" not in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert not {"drift", "perplexity", "repetition", "costs"} & set(report)
 
 
 def test_eval_ab_on_a_data_file_and_bad_input(model_dir, adapter_dir, tmp_path, capsys):
