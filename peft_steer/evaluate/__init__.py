@@ -4,6 +4,7 @@
 read); ``log_probs`` is the one scorer the others build on; ``multiple_choice`` finds the answer letter's token of an
 A/B prompt and scores it; ``caa`` extracts the mean-difference vector that BiPO is compared against (``caa_ab_vector``:
 the paper's protocol at the answer letter); ``costs`` measures what a strength costs (drift, perplexity, repetition);
+``saturation`` reads the margins where the behavior score saturates;
 ``plot`` draws the score per multiplier. Nothing here imports TRL.
 """
 
@@ -14,6 +15,7 @@ from .log_probs import completion_log_probs
 from .multiple_choice import (
     CHOICES_FORMAT,
     LetterTokens,
+    ab_margins,
     ab_score,
     chat_ab_prompt,
     letter_log_probs,
@@ -23,6 +25,7 @@ from .multiple_choice import (
 )
 from .plot import plot_steering_curve, score_table
 from .preference import Preference, answer_preference
+from .saturation import SATURATION_TOLERANCE, saturation_warning, share_moved_up
 from .scoring import eval_mode, model_device
 
 __all__ = [
@@ -30,6 +33,8 @@ __all__ = [
     "Cost",
     "LetterTokens",
     "Preference",
+    "SATURATION_TOLERANCE",
+    "ab_margins",
     "ab_score",
     "answer_preference",
     "balance_letters",
@@ -50,7 +55,9 @@ __all__ = [
     "plain_ab_prompt",
     "plot_steering_curve",
     "repetition",
+    "saturation_warning",
     "score_table",
+    "share_moved_up",
     "side_by_side",
     "span_activations",
     "steering_costs",

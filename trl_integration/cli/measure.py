@@ -24,8 +24,6 @@ from peft_steer.data import (
 )
 from peft_steer.data.files import read_source
 from peft_steer.evaluate import (
-    ab_score,
-    answer_preference,
     chat_ab_prompt,
     generate_sweep,
     matching_letters,
@@ -38,6 +36,7 @@ from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
 from peft_steer.staging import publish_new, written_whole
 
 from .errors import CommandError
+from .eval_scores import LEGEND, SCORE_NAMES, behavior_scores
 
 METRICS = ("ab", "preference")
 COST_PROMPTS = 16  # enough to see a strength break the model; the cost grows with prompts x multipliers x tokens
@@ -50,7 +49,8 @@ def add_measure_commands(commands: Any) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="Score a steering adapter at several strengths (A/B score or answer preference) on held-out data.",
-        description="Prints one score per multiplier; --json writes {metric, scores: {multiplier: score}, ...}.",
+        description="Prints one score per multiplier, with readings of the same margins that do not saturate and "
+        "the costs of each strength; --json writes {metric, scores: {multiplier: score}, ...}.",
     )
     _add_model_options(evaluate)
     _add_source_options(evaluate, "A/B questions (question, A, B, matching) for --metric ab; pairs otherwise")
@@ -200,54 +200,27 @@ def run_eval(args: argparse.Namespace) -> None:
     _check_adapter(args)
     tokenizer = load_tokenizer(args.model)
     try:
-        if args.metric == "ab":
-            rows = _ab_rows(args)
-            format_prompt = _ab_format(args, tokenizer)
-        else:
-            pairs = (
-                load_behavior(args.behavior, "test", tokenizer, **_format_options(args))
-                if args.behavior
-                else load_preference_data(args.data, tokenizer, **_format_options(args))
-            )
-            rows = _limited(list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])), args.limit, "pairs")
+        rows, format_ab = _eval_rows(args, tokenizer)
     except DataError as error:
         raise CommandError(str(error)) from None
     model = _load_steered(args)
-    if args.metric == "ab":
-        scores = ab_score(model, tokenizer, rows, multipliers, format_prompt=format_prompt, batch_size=args.batch_size)
-        margins = None
-    else:
-        results = answer_preference(
-            model,
-            tokenizer,
-            rows,
-            lambda prompt: prompt,
-            multipliers,
-            format_answer=lambda answer: answer,
-            batch_size=args.batch_size,
-        )
-        scores = {m: result.score for m, result in results.items()}
-        margins = {m: result.margin for m, result in results.items()}
-    costs = {}
-    if cost_questions:
-        formatter = PairFormatter(tokenizer, **_format_options(args))
-        measured = steering_costs(
-            model,
-            tokenizer,
-            [formatter.prompt(question) for question in cost_questions],
-            multipliers,
-            max_new_tokens=args.cost_max_new_tokens,
-            batch_size=args.batch_size,
-            progress=True,
-        )
-        costs = {name: {m: getattr(cost, name) for m, cost in measured.items()} for name in COSTS}
-    columns = {"A/B score" if args.metric == "ab" else "preference": scores}
-    print(score_table(columns | ({"mean margin": margins} if margins else {}) | costs, signed={"mean margin"}))
+    measured = behavior_scores(model, tokenizer, args.metric, rows, multipliers, format_ab, args.batch_size)
+    warnings = [line for line in [measured.warning()] if line]
+    costs = _costs(args, model, tokenizer, cost_questions, multipliers)
+    columns = measured.columns()
+    print(score_table(columns | costs, signed={"mean margin", "margin/token"}))
+    print(LEGEND)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     if args.json:
         report = {
             "metric": args.metric,
-            "scores": {str(float(m)): score for m, score in scores.items()},
-            "mean_margins": None if margins is None else {str(float(m)): value for m, value in margins.items()},
+            "scores": _keyed(columns[SCORE_NAMES[args.metric]]),
+            "mean_margins": _keyed(columns["mean margin"]),
+            "token_margins": _keyed(columns["margin/token"]) if "margin/token" in columns else None,
+            "shares_up": _keyed(columns["share up"]),
+            "unsteered_score": measured.unsteered,
+            "warnings": warnings,
             "n": len(rows),
             "model": args.model,
             "adapter": os.path.abspath(args.adapter),
@@ -265,6 +238,38 @@ def run_eval(args: argparse.Namespace) -> None:
             }
         write_new_file(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
+
+
+def _eval_rows(args: argparse.Namespace, tokenizer: Any) -> tuple[list, Any]:
+    """The rows eval scores and, for the A/B score, the prompt format of a row (None for answer preference, whose
+    rows are formatted (prompt, chosen, rejected) triples)."""
+    if args.metric == "ab":
+        return _ab_rows(args), _ab_format(args, tokenizer)
+    pairs = (
+        load_behavior(args.behavior, "test", tokenizer, **_format_options(args))
+        if args.behavior
+        else load_preference_data(args.data, tokenizer, **_format_options(args))
+    )
+    return _limited(list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])), args.limit, "pairs"), None
+
+
+def _costs(
+    args: argparse.Namespace, model: Any, tokenizer: Any, questions: list[str], multipliers: list[float]
+) -> dict[str, dict[float, float]]:
+    """``{cost: {m: value}}`` on the neutral questions in eval's prompt format (none with --no-costs)."""
+    if not questions:
+        return {}
+    formatter = PairFormatter(tokenizer, **_format_options(args))
+    measured = steering_costs(
+        model,
+        tokenizer,
+        [formatter.prompt(question) for question in questions],
+        multipliers,
+        max_new_tokens=args.cost_max_new_tokens,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    return {name: {m: getattr(cost, name) for m, cost in measured.items()} for name in COSTS}
 
 
 def _keyed(values: dict[float, float]) -> dict[str, float | None]:

@@ -38,16 +38,32 @@ def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapt
     tokenizer = load_tokenizer(model_dir)
     pairs = load_behavior("power-seeking", "test", tokenizer).select(range(6))
     model = PeftModel.from_pretrained(load_model(model_dir), adapter_dir).eval()
+    margins = {}
     for m in (-1.0, 0.0, 1.0):
         with steering(model, multiplier=m):
             chosen = completion_log_probs(model, tokenizer, pairs["prompt"], pairs["chosen"], batch_size=1)
             rejected = completion_log_probs(model, tokenizer, pairs["prompt"], pairs["rejected"], batch_size=1)
         expected = float(torch.sigmoid(chosen - rejected).mean())
         assert report["scores"][str(m)] == pytest.approx(expected, abs=1e-6)
-    margins = report["mean_margins"]
-    assert abs(margins["1.0"] - margins["-1.0"]) > 1e-2  # the adapter steers (the tiny model's scores saturate)
+        lengths = torch.tensor(
+            [
+                [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in pairs[side]]
+                for side in ("chosen", "rejected")
+            ]
+        )
+        per_token = (chosen / lengths[0] - rejected / lengths[1]).mean()
+        assert report["token_margins"][str(m)] == pytest.approx(float(per_token), abs=1e-6)
+        margins[m] = chosen - rejected
+    for m in (-1.0, 0.0, 1.0):  # the share of pairs whose margin is above the unsteered one (ties half)
+        up = (margins[m] > margins[0.0] + 1e-9).double() + 0.5 * ((margins[m] - margins[0.0]).abs() <= 1e-9).double()
+        assert report["shares_up"][str(m)] == float(up.mean())
+    assert report["shares_up"]["0.0"] == 0.5 and report["unsteered_score"] == report["scores"]["0.0"]
+    mean_margins = report["mean_margins"]
+    assert (
+        abs(mean_margins["1.0"] - mean_margins["-1.0"]) > 1e-2
+    )  # the adapter steers (the tiny model's scores saturate)
     table = capsys.readouterr().out
-    assert "multiplier" in table and "+1" in table
+    assert "multiplier" in table and "+1" in table and "share up" in table and "margin/token" in table
     assert main(argv) == 2  # the JSON file is never overwritten
     assert json.loads(out.read_text()) == report
     # the costs, keyed as the scores are, on the first 4 neutral questions in the same prompt format
@@ -61,6 +77,23 @@ def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapt
     assert report["drift"]["0.0"] == 0.0 and report["drift"]["1.0"] > 0
     assert all(value is None or value >= 1 for value in report["perplexity"].values())
     assert all(0 <= value <= 1 for value in report["repetition"].values())
+
+
+def test_eval_warns_when_the_unsteered_score_is_saturated(model_dir, adapter_dir, tmp_path, capsys):
+    """Jailbreak's long compliant answers against short refusals: answer preference 0.000 without steering (issue 22,
+    part 5); multiplier 0 is measured for the warning and the shares even when not asked for."""
+    out = tmp_path / "scores.json"
+    argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--behavior", "jailbreak", "--metric"]
+    argv += ["preference", "--multipliers", "-1,1", "--limit", "3", "--no-costs", "--json", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["unsteered_score"] < 0.03 and list(report["scores"]) == ["-1.0", "1.0"]
+    (warning,) = report["warnings"]
+    assert [line for line in captured.err.splitlines() if line.startswith("warning:")] == [warning]
+    assert f"{report['unsteered_score']:.3f}" in warning
+    assert 0 <= report["shares_up"]["1.0"] <= 1 and report["shares_up"]["1.0"] != 0.5  # it moves; the score cannot
+    assert abs(report["scores"]["1.0"] - report["scores"]["-1.0"]) < 0.03
 
 
 def test_eval_cost_options(model_dir, adapter_dir, tmp_path, capsys):
