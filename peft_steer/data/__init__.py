@@ -15,6 +15,7 @@ from .shipped import (
     SPLITS,
     behavior_path,
     neutral_questions,
+    prompting_pair,
     read_behavior_rows,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "neutral_questions",
     "pad_id_of",
     "plain_prompt",
+    "prompting_pair",
     "read_behavior_rows",
     "read_file",
     "right_padded",

@@ -36,6 +36,7 @@ from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
 from peft_steer.staging import publish_new, written_whole
 
 from .errors import CommandError
+from .eval_prompting import add_prompting_options, prompting_scores, prompting_table, prompting_texts
 from .eval_scores import LEGEND, SCORE_NAMES, behavior_scores
 
 METRICS = ("ab", "preference")
@@ -65,6 +66,7 @@ def add_measure_commands(commands: Any) -> None:
     evaluate.add_argument("--multipliers", default="-1,0,1", help="Comma-separated strengths (default -1,0,1).")
     evaluate.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass (default 8).")
     evaluate.add_argument("--json", default=None, help="Also write the scores to this JSON file (must not exist).")
+    add_prompting_options(evaluate)
     _add_cost_options(evaluate)
     evaluate.set_defaults(run=run_eval)
 
@@ -142,11 +144,12 @@ def parse_multipliers(text: str) -> list[float]:
     return values
 
 
-def _limited(rows: list, limit: int | None, what: str) -> list:
+def _limited(rows: list, limit: int | None, what: str, quiet: bool = False) -> list:
     if limit is not None and limit < 1:
         raise CommandError(f"--limit {limit}: must be at least 1.")
     if limit is not None and limit < len(rows):
-        print(f"using the first {limit} of {len(rows)} {what} (--limit)", file=sys.stderr)
+        if not quiet:
+            print(f"using the first {limit} of {len(rows)} {what} (--limit)", file=sys.stderr)
         return rows[:limit]
     return rows
 
@@ -155,13 +158,6 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
     """The chat-format keywords of `PairFormatter` / `load_preference_data` that the options ask for."""
     system = None if args.no_system_prompt else args.system_prompt
     return {"system_prompt": system, "chat_template": False if args.no_chat_template else None}
-
-
-def _ab_format(args: argparse.Namespace, tokenizer: Any) -> Any:
-    """Row -> A/B prompt ending in ``(``: in the chat template, or plain with --no-chat-template."""
-    if args.no_chat_template:
-        return plain_ab_prompt
-    return chat_ab_prompt(tokenizer, None if args.no_system_prompt else args.system_prompt)
 
 
 def _check_adapter(args: argparse.Namespace) -> None:
@@ -174,7 +170,7 @@ def _load_steered(args: argparse.Namespace) -> PeftModel:
     return PeftModel.from_pretrained(load_model(args.model), args.adapter).eval()
 
 
-def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
+def _ab_rows(args: argparse.Namespace, quiet: bool = False) -> list[dict[str, str]]:
     rows = (
         read_behavior_rows(args.behavior, "test_infer")
         if args.behavior
@@ -184,7 +180,7 @@ def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
         matching_letters(rows, f"--metric ab on {args.data or args.behavior}")  # the columns and letters of every row
     except ValueError as error:
         raise CommandError(str(error)) from None
-    return _limited(rows, args.limit, "questions")
+    return _limited(rows, args.limit, "questions", quiet)
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -198,18 +194,27 @@ def run_eval(args: argparse.Namespace) -> None:
         raise CommandError(f"--data {args.data}: no such file or folder.")
     cost_questions = _cost_questions(args)
     _check_adapter(args)
-    tokenizer = load_tokenizer(args.model)
     try:
+        prompts = prompting_texts(args)
+        tokenizer = load_tokenizer(args.model)
         rows, format_ab = _eval_rows(args, tokenizer)
+        prompted = {text: _eval_rows(args, tokenizer, text) for text in (prompts or {}).values()}  # checked now
     except DataError as error:
         raise CommandError(str(error)) from None
     model = _load_steered(args)
     measured = behavior_scores(model, tokenizer, args.metric, rows, multipliers, format_ab, args.batch_size)
     warnings = [line for line in [measured.warning()] if line]
+    baseline = (
+        prompting_scores(model, tokenizer, args.metric, prompts, prompted.get, measured, args.batch_size)
+        if prompts
+        else None
+    )
     costs = _costs(args, model, tokenizer, cost_questions, multipliers)
     columns = measured.columns()
     print(score_table(columns | costs, signed={"mean margin", "margin/token"}))
     print(LEGEND)
+    if baseline:
+        print(prompting_table(args.metric, baseline))
     for warning in warnings:
         print(warning, file=sys.stderr)
     if args.json:
@@ -220,6 +225,11 @@ def run_eval(args: argparse.Namespace) -> None:
             "token_margins": _keyed(columns["margin/token"]) if "margin/token" in columns else None,
             "shares_up": _keyed(columns["share up"]),
             "unsteered_score": measured.unsteered,
+            "prompting": None if baseline is None else {side: baseline[side]["score"] for side in baseline},
+            "prompting_shares_up": None
+            if baseline is None
+            else {side: baseline[side]["share_up"] for side in baseline},
+            "prompting_system_prompts": prompts,
             "warnings": warnings,
             "n": len(rows),
             "model": args.model,
@@ -240,17 +250,28 @@ def run_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
-def _eval_rows(args: argparse.Namespace, tokenizer: Any) -> tuple[list, Any]:
+def _eval_rows(args: argparse.Namespace, tokenizer: Any, instruction: str | None = None) -> tuple[list, Any]:
     """The rows eval scores and, for the A/B score, the prompt format of a row (None for answer preference, whose
-    rows are formatted (prompt, chosen, rejected) triples)."""
+    rows are formatted (prompt, chosen, rejected) triples). ``instruction`` replaces the system prompt (the prompting
+    baseline); without a chat template it goes on its own line before the prompt."""
+    options = _format_options(args)
+    plain = not PairFormatter(tokenizer, **options).use_template
+    if instruction is not None:
+        options["system_prompt"] = instruction
+    prefix = f"{instruction}\n" if instruction is not None and plain else ""
+    quiet = instruction is not None  # the --limit note is printed once, for the steered rows
     if args.metric == "ab":
-        return _ab_rows(args), _ab_format(args, tokenizer)
+        row_prompt = plain_ab_prompt if plain else chat_ab_prompt(tokenizer, options["system_prompt"])
+        return _ab_rows(args, quiet), lambda row: prefix + row_prompt(row)
     pairs = (
-        load_behavior(args.behavior, "test", tokenizer, **_format_options(args))
+        load_behavior(args.behavior, "test", tokenizer, **options)
         if args.behavior
-        else load_preference_data(args.data, tokenizer, **_format_options(args))
+        else load_preference_data(args.data, tokenizer, **options)
     )
-    return _limited(list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])), args.limit, "pairs"), None
+    rows = [
+        (prefix + prompt, *answers) for prompt, *answers in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
+    ]
+    return _limited(rows, args.limit, "pairs", quiet), None
 
 
 def _costs(
