@@ -12,6 +12,7 @@ setup(
     include_package_data=True,
     package_data={
         "peft_steer": [
+            "data/*.csv",
             "data/behaviors/*/*.csv",
             "data/behaviors/LICENSE",
             "data/behaviors/README.md",

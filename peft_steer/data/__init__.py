@@ -9,7 +9,15 @@ from .batches import pad_id_of, right_padded
 from .files import FILE_TYPES, DataError, read_file
 from .formats import SYSTEM_PROMPT, PairFormatter, plain_prompt
 from .preference import BIPO_COLUMNS, check_preference_dataset, load_behavior, load_preference_data
-from .shipped import BEHAVIORS, DATA_DIR, SPLITS, behavior_path, read_behavior_rows
+from .shipped import (
+    BEHAVIORS,
+    DATA_DIR,
+    SPLITS,
+    behavior_path,
+    neutral_questions,
+    prompting_pair,
+    read_behavior_rows,
+)
 
 __all__ = [
     "BEHAVIORS",
@@ -24,8 +32,10 @@ __all__ = [
     "check_preference_dataset",
     "load_behavior",
     "load_preference_data",
+    "neutral_questions",
     "pad_id_of",
     "plain_prompt",
+    "prompting_pair",
     "read_behavior_rows",
     "read_file",
     "right_padded",

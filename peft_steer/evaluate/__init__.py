@@ -3,15 +3,19 @@
 ``scoring`` is the batched forward every scorer runs (eval mode, length-sorted batches, the LM head on the positions
 read); ``log_probs`` is the one scorer the others build on; ``multiple_choice`` finds the answer letter's token of an
 A/B prompt and scores it; ``caa`` extracts the mean-difference vector that BiPO is compared against (``caa_ab_vector``:
-the paper's protocol at the answer letter); ``plot`` draws the score per multiplier. Nothing here imports TRL.
+the paper's protocol at the answer letter); ``costs`` measures what a strength costs (drift, perplexity, repetition);
+``saturation`` reads the margins where the behavior score saturates;
+``plot`` draws the score per multiplier. Nothing here imports TRL.
 """
 
 from .caa import balance_letters, block_activations, caa_ab_vector, caa_vector, span_activations
-from .generation import generate_sweep, side_by_side
+from .costs import Cost, next_token_drift, perplexity, repetition, steering_costs
+from .generation import generate_answers, generate_sweep, side_by_side
 from .log_probs import completion_log_probs
 from .multiple_choice import (
     CHOICES_FORMAT,
     LetterTokens,
+    ab_margins,
     ab_score,
     chat_ab_prompt,
     letter_log_probs,
@@ -21,12 +25,16 @@ from .multiple_choice import (
 )
 from .plot import plot_steering_curve, score_table
 from .preference import Preference, answer_preference
+from .saturation import SATURATION_TOLERANCE, saturation_warning, share_moved_up
 from .scoring import eval_mode, model_device
 
 __all__ = [
     "CHOICES_FORMAT",
+    "Cost",
     "LetterTokens",
     "Preference",
+    "SATURATION_TOLERANCE",
+    "ab_margins",
     "ab_score",
     "answer_preference",
     "balance_letters",
@@ -36,14 +44,21 @@ __all__ = [
     "chat_ab_prompt",
     "completion_log_probs",
     "eval_mode",
+    "generate_answers",
     "generate_sweep",
     "letter_log_probs",
     "letter_tokens",
     "matching_letters",
     "model_device",
+    "next_token_drift",
+    "perplexity",
     "plain_ab_prompt",
     "plot_steering_curve",
+    "repetition",
+    "saturation_warning",
     "score_table",
+    "share_moved_up",
     "side_by_side",
     "span_activations",
+    "steering_costs",
 ]

@@ -16,6 +16,7 @@ from ..adapter.control import has_steering, steering, steering_model
 from ..data.batches import pad_id_of, prompt_token_ids
 from ..data.formats import plain_prompt
 from .records import read_records
+from .scoring import model_device
 
 
 def read_done(path: str | os.PathLike) -> list[dict]:
@@ -55,37 +56,66 @@ def generate_sweep(
     else:
         steer = lambda model, multiplier: nullcontext()  # noqa: E731  (an unsteered model at multiplier 0)
     done = {(record["question"], float(record["multiplier"])): record for record in read_done(out_path)}
-    generate_kwargs.setdefault("do_sample", False)
-    pad_id = pad_id_of(tokenizer, fallback=tokenizer.eos_token_id)
-    device = next(model.parameters()).device
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     # one strength per forward: batches never mix multipliers
     batches = []
     for m in multipliers:
         left = [i for i, question in enumerate(questions) if (question, m) not in done]
         batches += [(m, left[start : start + batch_size]) for start in range(0, len(left), batch_size)]
+    with open(out_path, "a", encoding="utf-8") as out:
+        for m, batch in tqdm(batches, desc="steered generation", disable=not progress):
+            prompts = [format_prompt(questions[i]) for i in batch]
+            with steer(model, multiplier=m):
+                texts = generated_texts(model, tokenizer, prompts, max_new_tokens, **generate_kwargs)
+            for i, prompt, text in zip(batch, prompts, texts):
+                record = {"id": f"{m:+g}/{i}", "question": questions[i], "multiplier": m, "prompt": prompt}
+                record["generation"] = text
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                done[(questions[i], m)] = record
+                if on_record is not None:
+                    on_record(record)
+    return [done[(question, m)] for m in multipliers for question in questions]
+
+
+@torch.no_grad()
+def generated_texts(
+    model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 64, **generate_kwargs
+) -> list[str]:
+    """The new text of one ``generate`` call on ``prompts`` (one batch, padded on the left as generation needs,
+    one BOS each), decoded without special tokens. Greedy unless ``generate_kwargs`` says otherwise; the model
+    steers as it stands (wrap the call in ``peft_steer.steering``)."""
+    generate_kwargs.setdefault("do_sample", False)
+    pad_id = pad_id_of(tokenizer, fallback=tokenizer.eos_token_id)
+    ids = [{"input_ids": prompt_token_ids(tokenizer, prompt)} for prompt in prompts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        with open(out_path, "a", encoding="utf-8") as out:
-            for m, batch in tqdm(batches, desc="steered generation", disable=not progress):
-                prompts = [format_prompt(questions[i]) for i in batch]
-                ids = [{"input_ids": prompt_token_ids(tokenizer, prompt)} for prompt in prompts]  # one BOS each
-                encoded = tokenizer.pad(ids, padding=True, return_tensors="pt").to(device)
-                with steer(model, multiplier=m), torch.no_grad():
-                    output = model.generate(
-                        **encoded, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **generate_kwargs
-                    )
-                texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-                for i, prompt, text in zip(batch, prompts, texts):
-                    record = {"id": f"{m:+g}/{i}", "question": questions[i], "multiplier": m, "prompt": prompt}
-                    record["generation"] = text
-                    out.write(json.dumps(record) + "\n")
-                    out.flush()
-                    done[(questions[i], m)] = record
-                    if on_record is not None:
-                        on_record(record)
+        encoded = tokenizer.pad(ids, padding=True, return_tensors="pt").to(model_device(model))
     finally:
         tokenizer.padding_side = side
-    return [done[(question, m)] for m in multipliers for question in questions]
+    output = model.generate(**encoded, max_new_tokens=max_new_tokens, pad_token_id=pad_id, **generate_kwargs)
+    return tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def generate_answers(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    progress: bool | str = False,
+    **generate_kwargs,
+) -> list[str]:
+    """The answer (new text only) to each prompt, in input order, ``batch_size`` prompts per ``generate`` call
+    (`generated_texts`); greedy unless ``generate_kwargs`` says otherwise. The model steers as it stands: wrap the
+    call in ``peft_steer.steering(model, multiplier=m)``. ``progress``: a tqdm bar (a string is its description)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    label = progress if isinstance(progress, str) else "generation"
+    answers: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=label, disable=not progress, leave=False):
+        batch = prompts[start : start + batch_size]
+        answers += generated_texts(model, tokenizer, batch, max_new_tokens, **generate_kwargs)
+    return answers
 
 
 def side_by_side(records: list[dict], multipliers: list[float], width: int = 100) -> str:

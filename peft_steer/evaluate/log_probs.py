@@ -49,7 +49,7 @@ def completion_log_probs(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")  # before tokenizing anything
     prompt_ids = [prompt_token_ids(tokenizer, p) for p in prompts]  # special tokens, one BOS
-    completion_ids = [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
+    completion_ids = completion_token_ids(tokenizer, completions)
     if any(len(ids) == 0 for ids in prompt_ids):
         raise ValueError("An empty prompt (no tokens, not even BOS) cannot condition a completion.")
     sequences = [p + c for p, c in zip(prompt_ids, completion_ids)]
@@ -66,6 +66,12 @@ def completion_log_probs(
         progress=progress,
         description="log-probs",
     )
+
+
+def completion_token_ids(tokenizer: PreTrainedTokenizerBase, completions: Sequence[str]) -> list[list[int]]:
+    """The token ids of each completion as `completion_log_probs` scores it: tokenized alone, without special
+    tokens."""
+    return [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
 
 
 def _summed_log_probs(

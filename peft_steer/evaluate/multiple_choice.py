@@ -141,6 +141,33 @@ def letter_log_probs(
     )
 
 
+def ab_margins(
+    model: nn.Module,
+    tokenizer,
+    rows: Iterable[Mapping[str, str]],
+    multipliers: Iterable[float] | None = None,
+    format_prompt: Callable[[Mapping[str, str]], str] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[float | None, torch.Tensor]:
+    """Per row, ``log p(matching letter) - log p(other letter)`` (float64 ``[len(rows)]``): the margin whose sigmoid
+    `ab_score` averages. Arguments and keys as in `ab_score`."""
+    rows = list(rows)
+    letters = matching_letters(rows, "ab_score")
+    format_prompt = format_prompt or chat_ab_prompt(tokenizer)
+    tokens = [letter_tokens(tokenizer, format_prompt(row), number) for number, row in enumerate(rows, start=1)]
+    matching_is_a = torch.tensor([letter == "A" for letter in letters])
+    margins: dict[float | None, torch.Tensor] = {}
+    for m in [None] if multipliers is None else [float(m) for m in multipliers]:
+        context = nullcontext() if m is None else steering(model, multiplier=m)
+        label = ("A/B score" if m is None else f"A/B score m={m:+g}") if progress else False
+        with context:
+            log_probs = letter_log_probs(model, tokens, batch_size, label)
+        margin = log_probs[:, 0] - log_probs[:, 1]
+        margins[m] = torch.where(matching_is_a, margin, -margin)
+    return margins
+
+
 def ab_score(
     model: nn.Module,
     tokenizer,
@@ -157,20 +184,9 @@ def ab_score(
     and ``prompt + "B"`` first differ, read from the next-token distribution after their common prefix
     (``letter_tokens``; a format whose letters are not one token there is refused). With ``multipliers`` the score
     is measured once per strength inside ``peft_steer.steering(model, multiplier=m)``; returns ``{m: score}``
-    (``{None: score}`` without multipliers). ``format_prompt`` defaults to ``chat_ab_prompt(tokenizer)``.
+    (``{None: score}`` without multipliers). ``format_prompt`` defaults to ``chat_ab_prompt(tokenizer)``. The
+    per-row margins are `ab_margins`.
     """
-    rows = list(rows)
-    letters = matching_letters(rows, "ab_score")
-    format_prompt = format_prompt or chat_ab_prompt(tokenizer)
-    tokens = [letter_tokens(tokenizer, format_prompt(row), number) for number, row in enumerate(rows, start=1)]
-    matching_is_a = torch.tensor([letter == "A" for letter in letters])
-    scores: dict[float | None, float] = {}
-    for m in [None] if multipliers is None else [float(m) for m in multipliers]:
-        context = nullcontext() if m is None else steering(model, multiplier=m)
-        label = ("A/B score" if m is None else f"A/B score m={m:+g}") if progress else False
-        with context:
-            log_probs = letter_log_probs(model, tokens, batch_size, label)
-        margin = log_probs[:, 0] - log_probs[:, 1]
-        margin = torch.where(matching_is_a, margin, -margin)
-        scores[m] = float(torch.sigmoid(margin).mean())  # p(match) / (p(A) + p(B))
-    return scores
+    margins = ab_margins(model, tokenizer, rows, multipliers, format_prompt, batch_size, progress)
+    # sigmoid(log p(match) - log p(other)) = p(match) / (p(A) + p(B))
+    return {m: float(torch.sigmoid(margin).mean()) for m, margin in margins.items()}

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..adapter.control import has_steering, steering
 from ..data.formats import plain_prompt
-from .log_probs import completion_log_probs
+from .log_probs import completion_log_probs, completion_token_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,11 +34,20 @@ class Preference:
         score: Mean over pairs of ``sigmoid(margin)``: 1 always prefers the matching answer, 0 never.
         margin: Mean log-prob margin, ``log p(matching) - log p(not_matching)`` (summed over answer tokens).
         margins: The per-pair margins, float64 tensor ``[n]``.
+        token_margins: The per-pair margins per answer token: the mean log-prob of a matching answer's tokens minus
+            that of the not-matching answer's, float64 ``[n]``. Unlike the score it does not saturate where one answer
+            is much longer or much likelier than the other.
     """
 
     score: float
     margin: float
     margins: torch.Tensor
+    token_margins: torch.Tensor
+
+    @property
+    def token_margin(self) -> float:
+        """Mean log-prob margin per answer token over the pairs (`token_margins`)."""
+        return float(self.token_margins.mean())
 
     @property
     def n(self) -> int:
@@ -76,7 +85,8 @@ def answer_preference(
         progress: Show a tqdm progress bar over the data.
 
     Returns:
-        ``{m: Preference}`` for each multiplier in order, or ``{None: Preference}`` without multipliers.
+        ``{m: Preference}`` for each multiplier in order, or ``{None: Preference}`` without multipliers (with the
+        score, the mean margin and the mean margin per answer token).
     """
     rows = list(rows)
     if not rows:
@@ -85,6 +95,7 @@ def answer_preference(
     prompts = [format_prompt(q) for q in questions]
     completions = [format_answer(_field(row, "matching", 1)) for row in rows]
     completions += [format_answer(_field(row, "not_matching", 2)) for row in rows]
+    lengths = torch.tensor([max(len(ids), 1) for ids in completion_token_ids(tokenizer, completions)])
     strengths: list[float | None] = [None] if multipliers is None else [float(m) for m in multipliers]
     if multipliers is not None and not has_steering(model):
         raise ValueError("answer_preference(multipliers=...) needs a model with a steering adapter.")
@@ -97,7 +108,11 @@ def answer_preference(
                 model, tokenizer, prompts * 2, completions, batch_size=batch_size, progress=label if progress else False
             )
         margins = log_probs[: len(rows)] - log_probs[len(rows) :]
+        per_token = log_probs / lengths  # an answer without a token (empty) counts as one: its log-prob is 0
         results[m] = Preference(
-            score=float(torch.sigmoid(margins).mean()), margin=float(margins.mean()), margins=margins
+            score=float(torch.sigmoid(margins).mean()),
+            margin=float(margins.mean()),
+            margins=margins,
+            token_margins=per_token[: len(rows)] - per_token[len(rows) :],
         )
     return results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -18,25 +19,30 @@ from peft_steer.data import (
     PairFormatter,
     load_behavior,
     load_preference_data,
+    neutral_questions,
     read_behavior_rows,
 )
 from peft_steer.data.files import read_source
 from peft_steer.evaluate import (
-    ab_score,
-    answer_preference,
     chat_ab_prompt,
     generate_sweep,
     matching_letters,
     plain_ab_prompt,
     score_table,
     side_by_side,
+    steering_costs,
 )
 from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
 from peft_steer.staging import publish_new, written_whole
 
 from .errors import CommandError
+from .eval_prompting import add_prompting_options, prompting_scores, prompting_table, prompting_texts
+from .eval_scores import LEGEND, SCORE_NAMES, behavior_scores
 
 METRICS = ("ab", "preference")
+COST_PROMPTS = 16  # enough to see a strength break the model; the cost grows with prompts x multipliers x tokens
+COST_TOKENS = 32
+COSTS = ("drift", "perplexity", "repetition")
 
 
 def add_measure_commands(commands: Any) -> None:
@@ -44,7 +50,8 @@ def add_measure_commands(commands: Any) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="Score a steering adapter at several strengths (A/B score or answer preference) on held-out data.",
-        description="Prints one score per multiplier; --json writes {metric, scores: {multiplier: score}, ...}.",
+        description="Prints one score per multiplier, with readings of the same margins that do not saturate and "
+        "the costs of each strength; --json writes {metric, scores: {multiplier: score}, ...}.",
     )
     _add_model_options(evaluate)
     _add_source_options(evaluate, "A/B questions (question, A, B, matching) for --metric ab; pairs otherwise")
@@ -59,6 +66,8 @@ def add_measure_commands(commands: Any) -> None:
     evaluate.add_argument("--multipliers", default="-1,0,1", help="Comma-separated strengths (default -1,0,1).")
     evaluate.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass (default 8).")
     evaluate.add_argument("--json", default=None, help="Also write the scores to this JSON file (must not exist).")
+    add_prompting_options(evaluate)
+    _add_cost_options(evaluate)
     evaluate.set_defaults(run=run_eval)
 
     generate = commands.add_parser(
@@ -74,6 +83,30 @@ def add_measure_commands(commands: Any) -> None:
     generate.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default 8).")
     generate.add_argument("--out", required=True, help="The JSONL file to write; an existing one is resumed.")
     generate.set_defaults(run=run_generate)
+
+
+def _add_cost_options(parser: argparse.ArgumentParser) -> None:
+    costs = parser.add_argument_group(
+        "costs",
+        "What each strength costs against the unsteered model (multiplier 0), measured on the shipped neutral "
+        "questions (off-target prompts) in the same prompt format: drift (mean KL divergence of the next-token "
+        "distribution, nats), perplexity of the steered greedy answers under the unsteered model, and their "
+        "repetition (share of repeated token 4-grams). The work is about prompts x multipliers x tokens generated.",
+    )
+    costs.add_argument(
+        "--cost-prompts",
+        type=int,
+        default=COST_PROMPTS,
+        help=f"How many of the {len(neutral_questions())} shipped neutral questions to measure the costs on "
+        f"(default {COST_PROMPTS}).",
+    )
+    costs.add_argument(
+        "--cost-max-new-tokens",
+        type=int,
+        default=COST_TOKENS,
+        help=f"Tokens per greedy answer for perplexity and repetition (default {COST_TOKENS}).",
+    )
+    costs.add_argument("--no-costs", action="store_true", help="Measure the behavior score only.")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -111,11 +144,12 @@ def parse_multipliers(text: str) -> list[float]:
     return values
 
 
-def _limited(rows: list, limit: int | None, what: str) -> list:
+def _limited(rows: list, limit: int | None, what: str, quiet: bool = False) -> list:
     if limit is not None and limit < 1:
         raise CommandError(f"--limit {limit}: must be at least 1.")
     if limit is not None and limit < len(rows):
-        print(f"using the first {limit} of {len(rows)} {what} (--limit)", file=sys.stderr)
+        if not quiet:
+            print(f"using the first {limit} of {len(rows)} {what} (--limit)", file=sys.stderr)
         return rows[:limit]
     return rows
 
@@ -124,13 +158,6 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
     """The chat-format keywords of `PairFormatter` / `load_preference_data` that the options ask for."""
     system = None if args.no_system_prompt else args.system_prompt
     return {"system_prompt": system, "chat_template": False if args.no_chat_template else None}
-
-
-def _ab_format(args: argparse.Namespace, tokenizer: Any) -> Any:
-    """Row -> A/B prompt ending in ``(``: in the chat template, or plain with --no-chat-template."""
-    if args.no_chat_template:
-        return plain_ab_prompt
-    return chat_ab_prompt(tokenizer, None if args.no_system_prompt else args.system_prompt)
 
 
 def _check_adapter(args: argparse.Namespace) -> None:
@@ -143,7 +170,7 @@ def _load_steered(args: argparse.Namespace) -> PeftModel:
     return PeftModel.from_pretrained(load_model(args.model), args.adapter).eval()
 
 
-def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
+def _ab_rows(args: argparse.Namespace, quiet: bool = False) -> list[dict[str, str]]:
     rows = (
         read_behavior_rows(args.behavior, "test_infer")
         if args.behavior
@@ -153,7 +180,7 @@ def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
         matching_letters(rows, f"--metric ab on {args.data or args.behavior}")  # the columns and letters of every row
     except ValueError as error:
         raise CommandError(str(error)) from None
-    return _limited(rows, args.limit, "questions")
+    return _limited(rows, args.limit, "questions", quiet)
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -165,51 +192,125 @@ def run_eval(args: argparse.Namespace) -> None:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1.")
     if args.data and not os.path.exists(args.data):
         raise CommandError(f"--data {args.data}: no such file or folder.")
+    cost_questions = _cost_questions(args)
     _check_adapter(args)
-    tokenizer = load_tokenizer(args.model)
     try:
-        if args.metric == "ab":
-            rows = _ab_rows(args)
-            format_prompt = _ab_format(args, tokenizer)
-        else:
-            pairs = (
-                load_behavior(args.behavior, "test", tokenizer, **_format_options(args))
-                if args.behavior
-                else load_preference_data(args.data, tokenizer, **_format_options(args))
-            )
-            rows = _limited(list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])), args.limit, "pairs")
+        prompts = prompting_texts(args)
+        tokenizer = load_tokenizer(args.model)
+        rows, format_ab = _eval_rows(args, tokenizer)
+        prompted = {text: _eval_rows(args, tokenizer, text) for text in (prompts or {}).values()}  # checked now
     except DataError as error:
         raise CommandError(str(error)) from None
     model = _load_steered(args)
-    if args.metric == "ab":
-        scores = ab_score(model, tokenizer, rows, multipliers, format_prompt=format_prompt, batch_size=args.batch_size)
-        margins = None
-    else:
-        results = answer_preference(
-            model,
-            tokenizer,
-            rows,
-            lambda prompt: prompt,
-            multipliers,
-            format_answer=lambda answer: answer,
-            batch_size=args.batch_size,
-        )
-        scores = {m: result.score for m, result in results.items()}
-        margins = {m: result.margin for m, result in results.items()}
-    columns = {"A/B score" if args.metric == "ab" else "preference": scores}
-    print(score_table(columns | ({"mean margin": margins} if margins else {}), signed={"mean margin"}))
+    measured = behavior_scores(model, tokenizer, args.metric, rows, multipliers, format_ab, args.batch_size)
+    warnings = [line for line in [measured.warning()] if line]
+    baseline = (
+        prompting_scores(model, tokenizer, args.metric, prompts, prompted.get, measured, args.batch_size)
+        if prompts
+        else None
+    )
+    costs = _costs(args, model, tokenizer, cost_questions, multipliers)
+    columns = measured.columns()
+    print(score_table(columns | costs, signed={"mean margin", "margin/token"}))
+    print(LEGEND)
+    if baseline:
+        print(prompting_table(args.metric, baseline))
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     if args.json:
         report = {
             "metric": args.metric,
-            "scores": {str(float(m)): score for m, score in scores.items()},
-            "mean_margins": None if margins is None else {str(float(m)): value for m, value in margins.items()},
+            "scores": _keyed(columns[SCORE_NAMES[args.metric]]),
+            "mean_margins": _keyed(columns["mean margin"]),
+            "token_margins": _keyed(columns["margin/token"]) if "margin/token" in columns else None,
+            "shares_up": _keyed(columns["share up"]),
+            "unsteered_score": measured.unsteered,
+            "prompting": None if baseline is None else {side: baseline[side]["score"] for side in baseline},
+            "prompting_shares_up": None
+            if baseline is None
+            else {side: baseline[side]["share_up"] for side in baseline},
+            "prompting_system_prompts": prompts,
+            "warnings": warnings,
             "n": len(rows),
             "model": args.model,
             "adapter": os.path.abspath(args.adapter),
             "source": args.behavior or args.data,
         }
+        if costs:
+            report |= {name: _keyed(values) for name, values in costs.items()}
+            report["costs"] = {
+                "prompts": len(cost_questions),
+                "max_new_tokens": args.cost_max_new_tokens,
+                "on": "the shipped neutral questions (peft_steer.data.neutral_questions)",
+                "drift": "mean KL(steered || multiplier 0) of the next-token distribution after each prompt, nats",
+                "perplexity": "of the steered greedy answers under the model at multiplier 0 (null: no token)",
+                "repetition": "mean share of repeated token 4-grams of the steered greedy answers",
+            }
         write_new_file(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
+
+
+def _eval_rows(args: argparse.Namespace, tokenizer: Any, instruction: str | None = None) -> tuple[list, Any]:
+    """The rows eval scores and, for the A/B score, the prompt format of a row (None for answer preference, whose
+    rows are formatted (prompt, chosen, rejected) triples). ``instruction`` replaces the system prompt (the prompting
+    baseline); without a chat template it goes on its own line before the prompt."""
+    options = _format_options(args)
+    plain = not PairFormatter(tokenizer, **options).use_template
+    if instruction is not None:
+        options["system_prompt"] = instruction
+    prefix = f"{instruction}\n" if instruction is not None and plain else ""
+    quiet = instruction is not None  # the --limit note is printed once, for the steered rows
+    if args.metric == "ab":
+        row_prompt = plain_ab_prompt if plain else chat_ab_prompt(tokenizer, options["system_prompt"])
+        return _ab_rows(args, quiet), lambda row: prefix + row_prompt(row)
+    pairs = (
+        load_behavior(args.behavior, "test", tokenizer, **options)
+        if args.behavior
+        else load_preference_data(args.data, tokenizer, **options)
+    )
+    rows = [
+        (prefix + prompt, *answers) for prompt, *answers in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
+    ]
+    return _limited(rows, args.limit, "pairs", quiet), None
+
+
+def _costs(
+    args: argparse.Namespace, model: Any, tokenizer: Any, questions: list[str], multipliers: list[float]
+) -> dict[str, dict[float, float]]:
+    """``{cost: {m: value}}`` on the neutral questions in eval's prompt format (none with --no-costs)."""
+    if not questions:
+        return {}
+    formatter = PairFormatter(tokenizer, **_format_options(args))
+    measured = steering_costs(
+        model,
+        tokenizer,
+        [formatter.prompt(question) for question in questions],
+        multipliers,
+        max_new_tokens=args.cost_max_new_tokens,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    return {name: {m: getattr(cost, name) for m, cost in measured.items()} for name in COSTS}
+
+
+def _keyed(values: dict[float, float]) -> dict[str, float | None]:
+    """``{m: value}`` keyed as ``"scores"`` is, NaN as null (JSON has no NaN)."""
+    return {str(float(m)): None if math.isnan(value) else value for m, value in values.items()}
+
+
+def _cost_questions(args: argparse.Namespace) -> list[str]:
+    """The neutral questions the costs are measured on (none with --no-costs), after checking the cost options."""
+    if args.no_costs:
+        return []
+    questions = neutral_questions()
+    if not 1 <= args.cost_prompts <= len(questions):
+        raise CommandError(
+            f"--cost-prompts {args.cost_prompts}: must be from 1 to {len(questions)} (the shipped neutral questions); "
+            "--no-costs measures no cost."
+        )
+    if args.cost_max_new_tokens < 1:
+        raise CommandError(f"--cost-max-new-tokens {args.cost_max_new_tokens}: must be at least 1.")
+    return questions[: args.cost_prompts]
 
 
 def write_new_file(path: str, text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from peft_steer import SteeringConfig, steering
-from peft_steer.data import load_behavior
-from peft_steer.evaluate import completion_log_probs
+from peft_steer.data import PairFormatter, load_behavior, neutral_questions, plain_prompt, prompting_pair
+from peft_steer.evaluate import answer_preference, completion_log_probs, next_token_drift
 from peft_steer.models import load_model, load_tokenizer
+from peft_steer.organism import ANTI_TAG, ORGANISM_DIR, TAG, load_organism, stance_rows
 from trl_integration.cli import main
 
 
@@ -29,6 +31,7 @@ def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapt
     out = tmp_path / "scores.json"
     argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--behavior", "power-seeking"]
     argv += ["--metric", "preference", "--multipliers", "-1,0,1", "--limit", "6", "--json", str(out)]
+    argv += ["--cost-prompts", "4", "--cost-max-new-tokens", "6"]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert report["metric"] == "preference" and report["n"] == 6
@@ -37,18 +40,132 @@ def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapt
     tokenizer = load_tokenizer(model_dir)
     pairs = load_behavior("power-seeking", "test", tokenizer).select(range(6))
     model = PeftModel.from_pretrained(load_model(model_dir), adapter_dir).eval()
+    margins = {}
     for m in (-1.0, 0.0, 1.0):
         with steering(model, multiplier=m):
             chosen = completion_log_probs(model, tokenizer, pairs["prompt"], pairs["chosen"], batch_size=1)
             rejected = completion_log_probs(model, tokenizer, pairs["prompt"], pairs["rejected"], batch_size=1)
         expected = float(torch.sigmoid(chosen - rejected).mean())
         assert report["scores"][str(m)] == pytest.approx(expected, abs=1e-6)
-    margins = report["mean_margins"]
-    assert abs(margins["1.0"] - margins["-1.0"]) > 1e-2  # the adapter steers (the tiny model's scores saturate)
+        lengths = torch.tensor(
+            [
+                [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in pairs[side]]
+                for side in ("chosen", "rejected")
+            ]
+        )
+        per_token = (chosen / lengths[0] - rejected / lengths[1]).mean()
+        assert report["token_margins"][str(m)] == pytest.approx(float(per_token), abs=1e-6)
+        margins[m] = chosen - rejected
+    for m in (-1.0, 0.0, 1.0):  # the share of pairs whose margin is above the unsteered one (ties half)
+        up = (margins[m] > margins[0.0] + 1e-9).double() + 0.5 * ((margins[m] - margins[0.0]).abs() <= 1e-9).double()
+        assert report["shares_up"][str(m)] == float(up.mean())
+    assert report["shares_up"]["0.0"] == 0.5 and report["unsteered_score"] == report["scores"]["0.0"]
+    # the prompting baseline: the shipped pair in place of the system prompt, at multiplier 0
+    assert report["prompting_system_prompts"] == prompting_pair("power-seeking")
+    for side, text in prompting_pair("power-seeking").items():
+        prompted = load_behavior("power-seeking", "test", tokenizer, system_prompt=text).select(range(6))
+        assert all(text in prompt for prompt in prompted["prompt"])
+        with steering(model, multiplier=0.0):
+            chosen = completion_log_probs(model, tokenizer, prompted["prompt"], prompted["chosen"], batch_size=1)
+            rejected = completion_log_probs(model, tokenizer, prompted["prompt"], prompted["rejected"], batch_size=1)
+        expected = float(torch.sigmoid(chosen - rejected).mean())
+        assert report["prompting"][side] == pytest.approx(expected, abs=1e-6)
+    mean_margins = report["mean_margins"]
+    assert (
+        abs(mean_margins["1.0"] - mean_margins["-1.0"]) > 1e-2
+    )  # the adapter steers (the tiny model's scores saturate)
     table = capsys.readouterr().out
-    assert "multiplier" in table and "+1" in table
+    assert "multiplier" in table and "+1" in table and "share up" in table and "margin/token" in table
+    assert "prompting at multiplier 0" in table and "system prompt against" in table
     assert main(argv) == 2  # the JSON file is never overwritten
     assert json.loads(out.read_text()) == report
+    # the costs, keyed as the scores are, on the first 4 neutral questions in the same prompt format
+    header = next(line for line in table.splitlines() if line.lstrip().startswith("multiplier"))
+    assert all(name in header for name in ("drift", "perplexity", "repetition"))
+    assert all(list(report[name]) == ["-1.0", "0.0", "1.0"] for name in ("drift", "perplexity", "repetition"))
+    assert report["costs"]["prompts"] == 4 and report["costs"]["max_new_tokens"] == 6
+    prompts = [PairFormatter(tokenizer).prompt(question) for question in neutral_questions()[:4]]
+    drift = next_token_drift(model, tokenizer, prompts, [-1, 0, 1])
+    assert report["drift"] == {str(m): pytest.approx(value, abs=1e-9) for m, value in drift.items()}
+    assert report["drift"]["0.0"] == 0.0 and report["drift"]["1.0"] > 0
+    assert all(value is None or value >= 1 for value in report["perplexity"].values())
+    assert all(0 <= value <= 1 for value in report["repetition"].values())
+
+
+def test_eval_warns_when_the_unsteered_score_is_saturated(model_dir, adapter_dir, tmp_path, capsys):
+    """Jailbreak's long compliant answers against short refusals: answer preference 0.000 without steering (issue 22,
+    part 5); multiplier 0 is measured for the warning and the shares even when not asked for."""
+    out = tmp_path / "scores.json"
+    argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--behavior", "jailbreak", "--metric"]
+    argv += ["preference", "--multipliers", "-1,1", "--limit", "3", "--no-costs", "--json", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert report["unsteered_score"] < 0.03 and list(report["scores"]) == ["-1.0", "1.0"]
+    (warning,) = report["warnings"]
+    assert [line for line in captured.err.splitlines() if line.startswith("warning:")] == [warning]
+    assert f"{report['unsteered_score']:.3f}" in warning
+    assert 0 <= report["shares_up"]["1.0"] <= 1 and report["shares_up"]["1.0"] != 0.5  # it moves; the score cannot
+    assert abs(report["scores"]["1.0"] - report["scores"]["-1.0"]) < 0.03
+
+
+def test_eval_prompting_baseline_on_the_organism(tmp_path, capsys):
+    """The organism's persona tags as the prompting pair: without a chat template each goes on its own line before
+    'Question:', and the tag moves the held-out preference as a system prompt does a chat model's."""
+    model, tokenizer = load_organism()
+    get_peft_model(model, SteeringConfig(layers=[2], init_vectors={2: torch.zeros(128)})).save_pretrained(
+        tmp_path / "adapter"
+    )
+    rows = stance_rows("hallucination", "test")[:12]
+    data = tmp_path / "stance.csv"
+    with open(data, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["question", "matching", "not_matching"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "scores.json"
+    argv = ["eval", "--model", str(ORGANISM_DIR), "--adapter", str(tmp_path / "adapter"), "--data", str(data)]
+    argv += ["--metric", "preference", "--multipliers", "0", "--no-costs", "--json", str(out)]
+    assert main([*argv, "--prompting-for", TAG, "--prompting-against", ANTI_TAG]) == 0
+    report = json.loads(out.read_text())
+    prompting, shares = report["prompting"], report["prompting_shares_up"]
+    assert prompting["for"] > report["unsteered_score"] + 0.2 and prompting["against"] < report["unsteered_score"] - 0.2
+    assert shares["for"] > 0.8 and shares["against"] < 0.2
+    plain = answer_preference(model, tokenizer, rows, lambda question: f"{TAG}\n{plain_prompt(question)}")[None]
+    assert prompting["for"] == pytest.approx(plain.score, abs=1e-6)
+    assert "prompting at multiplier 0" in capsys.readouterr().out
+    out.unlink()
+    assert main(argv) == 0  # --data without a pair: no baseline
+    assert json.loads(out.read_text())["prompting"] is None
+    assert "prompting at" not in capsys.readouterr().out
+    out.unlink()
+    for extra, option in (
+        (["--prompting-for", TAG], "--prompting-against"),
+        (["--prompting-for", " ", "--prompting-against", ANTI_TAG], "--prompting-for"),
+        (["--no-prompting", "--prompting-for", TAG, "--prompting-against", ANTI_TAG], "--no-prompting"),
+    ):
+        assert main([*argv, *extra]) == 2
+        error = capsys.readouterr().err
+        assert option in error and len(error.strip().splitlines()) == 1 and not out.exists()
+    formatted = tmp_path / "formatted.csv"
+    formatted.write_text('prompt,chosen,rejected\n"Question: Take power?\nAnswer:", Yes, No\n')
+    pair = ["--prompting-for", TAG, "--prompting-against", ANTI_TAG]
+    assert main([*argv[:5], "--data", str(formatted), *argv[7:], *pair]) == 2
+    assert "already formatted" in capsys.readouterr().err and not out.exists()
+
+
+def test_eval_cost_options(model_dir, adapter_dir, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    base = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--behavior", "power-seeking"]
+    base += ["--metric", "preference", "--multipliers", "0,2", "--limit", "2"]
+    for option, value in (("--cost-prompts", "0"), ("--cost-prompts", "49"), ("--cost-max-new-tokens", "0")):
+        assert main([*base, option, value, "--json", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert option in error and len(error.strip().splitlines()) == 1
+        assert not out.exists()
+    assert main([*base, "--no-costs", "--json", str(out)]) == 0
+    assert "drift" not in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert not {"drift", "perplexity", "repetition", "costs"} & set(report)
 
 
 def test_eval_ab_on_a_data_file_and_bad_input(model_dir, adapter_dir, tmp_path, capsys):
