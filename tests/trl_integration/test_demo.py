@@ -93,17 +93,25 @@ def _summed_log_prob(model, tokenizer, prompt: str, completion: str) -> float:
 
 
 def test_demo_shows_the_answers_and_the_scores_moving(tmp_path, capsys):
-    small = DemoSettings(test_pairs=8, caa_questions=8, multipliers=(-2, 0, 2), questions=1, max_new_tokens=12)
+    small = DemoSettings(
+        test_pairs=8, caa_questions=8, multipliers=(-2, 0, 2), drift_prompts=4, questions=1, max_new_tokens=12
+    )
     folder = run_demo(str(tmp_path), small)
     report = json.loads(open(f"{folder}/scores.json").read())
     bipo = {float(m): score for m, score in report["curves"]["BiPO"].items()}
     assert bipo[-2.0] < bipo[0.0] < bipo[2.0], bipo
     caa = {float(m): score for m, score in report["curves"]["CAA"].items()}
     assert caa[-2.0] != caa[2.0]
+    for method in ("BiPO", "CAA"):  # the unsteered model does not drift from itself; a vector moves it
+        drift = {float(m): value for m, value in report["drift"][method].items()}
+        assert drift[0.0] == 0.0 and drift[-2.0] > 0 and drift[2.0] > 0, (method, drift)
+    assert set(report["prompting"]) == {"for", "against"} and report["decoding"] == "greedy, repetition penalty 1.3"
+    assert all(0.0 <= value <= 1.0 for value in report["answer_repetition"].values())
     answers = [json.loads(line) for line in open(f"{folder}/answers.jsonl")]
     assert sorted(record["multiplier"] for record in answers) == [-4.0, 0.0, 4.0]
     assert len({record["generation"] for record in answers}) == 3, "the steered answers do not differ"
     shown = capsys.readouterr().out
-    assert "m=-4" in shown and "m=+4" in shown and "BiPO" in shown
+    assert "m=-4" in shown and "m=+4" in shown and "BiPO drift" in shown and "repetition penalty 1.3" in shown
+    assert "Loading SmolLM2-135M-Instruct" in shown and "done in" in shown  # each slow step says what it does
     with pytest.raises(FileExistsError):
         run_demo(str(tmp_path), small)

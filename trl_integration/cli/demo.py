@@ -16,7 +16,7 @@ def add_demo_command(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
         help="SmolLM2-135M-Instruct answering at negative and positive BiPO strength, scored next to CAA (offline, "
-        "about 3 minutes on a CPU); --organism trains BiPO on the project's tiny model organism instead.",
+        "about 3.5 minutes on a CPU); --organism trains BiPO on the project's tiny model organism instead.",
     )
     demo.add_argument("--out", default=".", help="Folder to write the demo's folder into (default: here).")
     demo.add_argument(
