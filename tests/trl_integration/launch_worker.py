@@ -3,6 +3,7 @@ in the test process itself: trains tiny vectors and saves each rank's whole copy
 
 Usage: launch_worker.py JOB [+ JOB ...], each JOB being
        OUTPUT_DIR MODEL_DIR PER_DEVICE_BATCH_SIZE [live-reference] [checkpoints] [resume=DIR] [fsdp-on-cpus]
+       [precision=bf16|no]
 
 The jobs run one after another in the same processes (one launch costs about 8 s of start-up here; each job after
 the first about 1 s): the launch's accelerate state is set up afresh for each job, the process group is kept.
@@ -11,7 +12,9 @@ rank then loads its partition of the weights only. Each epoch's vector is saved.
 log-probs are computed inside every step and a held-out set is evaluated after each epoch; "checkpoints" saves one
 every 2 steps; "resume=DIR" resumes from the checkpoint folder DIR. "fsdp-on-cpus" makes accelerate start the FSDP of
 its launch config on these CPU processes: it takes them for GPU processes (only its process-type check is bypassed;
-the processes, their devices and gloo stay as they are).
+the processes, their devices and gloo stay as they are). "precision=..." gives the job the mixed precision that
+`accelerate launch --mixed_precision ...` gives a launch, the way the launcher passes it on
+(``ACCELERATE_MIXED_PRECISION``, which accelerate, transformers and SteerConfig read).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def run_job(output_dir: str, model_dir: str, batch_size: str, *options: str) -> 
     """Train one vector as the job's options say; write ``rank{R}.safetensors`` and ``rank{R}.json`` to
     ``output_dir``."""
     flags = dict(flag.partition("=")[::2] for flag in options)
+    if "precision" in flags:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = flags["precision"]
     # A fresh accelerate state (mixed precision, engine plugin) for each job of a launch; the processes' own stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()

@@ -81,21 +81,28 @@ def one_process(model_dir, tmp_path_factory) -> tuple[torch.Tensor, dict]:
     return vector, info
 
 
-# Each launch runs its jobs (output folder, batch size per rank, worker flags) in the same 2 processes; the folders
-# are inside the launch's folder, and "resume=NAME" names the checkpoint folder of an earlier job.
+# Each launch runs its jobs (output folder, worker flags; 2 pairs per step on each rank) in the same 2 processes;
+# the folders are inside the launch's folder, "resume=NAME" names the checkpoint folder of an earlier job, and
+# "precision=..." is the job's `--mixed_precision`.
 LAUNCHES = {
-    "ddp": (["ddp"], [("ddp", []), ("live", ["live-reference"])]),
+    "ddp": ("ddp", [("ddp", []), ("live", ["live-reference"])]),
     # examples/accelerate/fsdp.yaml on CPUs: as accelerate runs it (DDP), then with FSDP2 started on the CPUs
-    "fsdp-no": (["fsdp", "no"], [("ddp", []), ("fsdp2", ["fsdp-on-cpus"])]),
-    "fsdp-bf16": (
-        ["fsdp", "bf16"],
-        [("fsdp2", ["fsdp-on-cpus", "checkpoints"]), ("resumed", ["fsdp-on-cpus", "resume=fsdp2/checkpoint-2"])],
+    "fsdp": (
+        "fsdp",
+        [
+            ("ddp", ["precision=no"]),
+            ("fsdp2-no", ["precision=no", "fsdp-on-cpus"]),
+            ("fsdp2-bf16", ["precision=bf16", "fsdp-on-cpus", "checkpoints"]),
+            ("resumed", ["precision=bf16", "fsdp-on-cpus", "resume=fsdp2-bf16/checkpoint-2"]),
+        ],
     ),
-    "zero3-bf16": (["zero3", "bf16"], [("zero3", [])]),
-    "zero3-no": (["zero3", "no"], [("zero3", [])]),
-    "partitioned-bf16": (
-        ["partitioned", "bf16"],
-        [("zero3", ["checkpoints"]), ("resumed", ["resume=zero3/checkpoint-2"])],
+    "zero3": ("zero3", [("zero3-bf16", ["precision=bf16"]), ("zero3-no", ["precision=no"])]),
+    "partitioned": (
+        "partitioned",
+        [
+            ("zero3-bf16", ["precision=bf16", "checkpoints"]),
+            ("resumed", ["precision=bf16", "resume=zero3-bf16/checkpoint-2"]),
+        ],
     ),
 }
 
@@ -107,10 +114,9 @@ def launched(model_dir, tmp_path_factory):
 
     def launch(name: str) -> str:
         if name not in folders:
-            (config, *precision), jobs = LAUNCHES[name]
+            config, jobs = LAUNCHES[name]
             folder = tmp_path_factory.mktemp(name)
             options = _partitioned(folder) if config == "partitioned" else _config(config)
-            options += ["--mixed_precision", precision[0]] if precision else []
             arguments: list[str] = []
             for job, flags in jobs:
                 flags = [flag.replace("resume=", f"resume={folder}/") for flag in flags]
@@ -138,7 +144,7 @@ def test_ddp_ranks_hold_identical_vectors_equal_to_one_process(launched, one_pro
 
     # examples/accelerate/fsdp.yaml on CPUs: accelerate runs it as DDP, and the trainer keeps its precomputed
     # reference and prefix cache (blocks 0..1 offloaded), so it trains exactly as the DDP launch.
-    (fsdp0, info), (fsdp1, _) = _ranks(os.path.join(launched("fsdp-no"), "ddp"), 2)
+    (fsdp0, info), (fsdp1, _) = _ranks(os.path.join(launched("fsdp"), "ddp"), 2)
     assert info["engine"] == "MULTI_CPU" and info["precompute_ref_log_probs"] is True
     assert set(info["block0_sizes"]) == {0}
     assert torch.equal(fsdp0, rank0) and torch.equal(fsdp1, rank0)
@@ -190,12 +196,12 @@ def test_zero3_ranks_hold_identical_vectors_equal_to_one_process(launched, one_p
     pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
     single_vector, single_info = one_process
     # examples/accelerate/zero3.yaml as it is (and in float32), or the PARTITIONED config
-    folder = launched(f"{'zero3' if variant == 'shipped' else 'partitioned'}-{mixed_precision}")
-    zero3 = os.path.join(folder, "zero3")
+    folder = launched("zero3" if variant == "shipped" else "partitioned")
+    zero3 = os.path.join(folder, f"zero3-{mixed_precision}")
     (rank0, info0), (rank1, info1) = _ranks(zero3, 2)
     for info in (info0, info1):
         assert info["engine"] == "DEEPSPEED"
-        assert info["bf16"] is (mixed_precision == "bf16")  # SteerConfig follows the launch's mixed precision
+        assert info["bf16"] is (mixed_precision == "bf16")  # SteerConfig follows the mixed precision of the job
         assert info["precompute_ref_log_probs"] is False  # the reference runs inside each step under ZeRO-3
         # zero.Init (zero3_init_flag) casts the base weights as from_pretrained partitions them
         assert info["block0_dtype"] == ("torch.bfloat16" if mixed_precision == "bf16" else "torch.float32")
@@ -227,8 +233,8 @@ def test_fsdp2_ranks_hold_identical_vectors_equal_to_one_process(launched, one_p
     """examples/accelerate/fsdp.yaml through accelerate's own FSDP2 preparation (`fully_shard` of each block and the
     root), on CPU processes that accelerate is made to take for GPU ones (launch_worker.py "fsdp-on-cpus")."""
     single_vector, single_info = one_process
-    folder = launched(f"fsdp-{mixed_precision}")
-    fsdp = os.path.join(folder, "fsdp2")
+    folder = launched("fsdp")
+    fsdp = os.path.join(folder, f"fsdp2-{mixed_precision}")
     (rank0, info0), (rank1, info1) = _ranks(fsdp, 2)
     for info in (info0, info1):
         assert info["engine"] == "FSDP" and info["bf16"] is (mixed_precision == "bf16")

@@ -64,7 +64,8 @@ def test_the_recipe_remakes_the_shipped_vector_and_it_moves_held_out_preference_
     )
     report_path = tmp_path / "scores.json"
     argv = ["eval", "--model", SMOLLM2, "--adapter", str(out), "--behavior", "power-seeking", "--metric"]
-    assert main([*argv, "preference", "--multipliers", "-1,0,1", "--limit", "8", "--json", str(report_path)]) == 0
+    argv += ["preference", "--multipliers", "-1,0,1", "--limit", "8", "--no-costs", "--no-prompting"]
+    assert main([*argv, "--json", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     low, mid, high = (report["scores"][m] for m in ("-1.0", "0.0", "1.0"))
     margins = [report["mean_margins"][m] for m in ("-1.0", "0.0", "1.0")]
@@ -72,16 +73,15 @@ def test_the_recipe_remakes_the_shipped_vector_and_it_moves_held_out_preference_
     assert low < mid < high, f"held-out preference at -1 / 0 / +1 is not monotonic: {shown}"
     # the mean log-prob margin moves by about 1.8 nats per unit of strength with the shipped vector
     assert margins[0] + 0.5 < margins[1] < margins[2] - 0.5, f"held-out margins move too little: {shown}"
-    # `peft-steer eval` agrees with the same score computed here by hand, one pair at a time, at either sign
+    # `peft-steer eval` agrees with the same score computed here by hand, one pair at a time
     model, tokenizer = smollm2
     steered = PeftModel.from_pretrained(model, str(out)).eval()
     test = load_behavior("power-seeking", "test", tokenizer).select(range(8))
-    for m, expected in ((-1.0, low), (1.0, high)):
-        with peft_steer.steering(steered, multiplier=m), torch.no_grad():
-            chosen = [_summed_log_prob(steered, tokenizer, p, c) for p, c in zip(test["prompt"], test["chosen"])]
-            rejected = [_summed_log_prob(steered, tokenizer, p, c) for p, c in zip(test["prompt"], test["rejected"])]
-        score = float(torch.sigmoid(torch.tensor(chosen) - torch.tensor(rejected)).mean())
-        assert score == pytest.approx(expected, abs=1e-4), (m, score, expected)
+    with peft_steer.steering(steered, multiplier=1.0), torch.no_grad():
+        chosen = [_summed_log_prob(steered, tokenizer, p, c) for p, c in zip(test["prompt"], test["chosen"])]
+        rejected = [_summed_log_prob(steered, tokenizer, p, c) for p, c in zip(test["prompt"], test["rejected"])]
+    score = float(torch.sigmoid(torch.tensor(chosen) - torch.tensor(rejected)).mean())
+    assert score == pytest.approx(high, abs=1e-4)
 
 
 def _summed_log_prob(model, tokenizer, prompt: str, completion: str) -> float:
