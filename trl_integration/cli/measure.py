@@ -31,6 +31,7 @@ from peft_steer.evaluate import (
     score_table,
     side_by_side,
 )
+from peft_steer.interop import read_adapter_for
 from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
 from peft_steer.staging import publish_new, written_whole
 
@@ -134,8 +135,9 @@ def _ab_format(args: argparse.Namespace, tokenizer: Any) -> Any:
 
 
 def _check_adapter(args: argparse.Namespace) -> None:
-    if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-        raise CommandError(f"--adapter {args.adapter}: no adapter_config.json there (a save_pretrained folder?).")
+    """The adapter folder checked by the reader every command shares (its errors name the file to fix), and against
+    --model's config: before any model is loaded."""
+    read_adapter_for(args.adapter, args.model)
 
 
 def _load_steered(args: argparse.Namespace) -> PeftModel:

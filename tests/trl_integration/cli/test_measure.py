@@ -12,7 +12,10 @@ from peft_steer import SteeringConfig, steering
 from peft_steer.data import load_behavior
 from peft_steer.evaluate import completion_log_probs
 from peft_steer.models import load_model, load_tokenizer
-from trl_integration.cli import main
+from tests.conftest import make_config, make_model
+from tests.peft_steer.interop.test_adapter_files import BAD_ADAPTERS, save_adapter
+from tests.trl_integration.cli.test_files import fails
+from trl_integration.cli import main, measure
 
 
 @pytest.fixture
@@ -107,3 +110,48 @@ def test_generate_refuses_a_file_that_holds_no_records_and_adds_a_missing_newlin
     assert main([*argv, "--multipliers", "0,1", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["multiplier"] for r in records] == [0.0, 1.0]
+
+
+# ---- bad input: one line naming the thing to fix, exit code 2, before any model is loaded ------------------------
+
+
+@pytest.fixture(scope="module")
+def config_only_model(tmp_path_factory) -> str:
+    """The tiny Llama's config alone: enough for every check; loading its weights or tokenizer would fail."""
+    folder = tmp_path_factory.mktemp("config-only")
+    make_config("llama").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """The checks must end the command before the tokenizer or the model is loaded."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("loaded a model before the inputs were checked")
+
+    monkeypatch.setattr(measure, "load_model", refused)
+    monkeypatch.setattr(measure, "load_tokenizer", refused)
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("case", list(BAD_ADAPTERS))
+def test_eval_and_generate_refuse_what_info_refuses_before_loading(
+    config_only_model, no_model_loads, tmp_path, capsys, case, command
+):
+    """One reader for every command (issue 24): the same line as `info`, not a SafetensorError / TypeError /
+    RecursionError / UnpicklingError traceback or a hub error, and nothing written."""
+    damage, culprit, message = BAD_ADAPTERS[case]
+    adapter = save_adapter(tmp_path / "adapter")
+    damage(adapter)
+    argv = [command, "--model", config_only_model, "--adapter", adapter, "--behavior", "power-seeking"]
+    argv += ["--out", tmp_path / "out.jsonl"] if command == "generate" else ["--json", tmp_path / "out.json"]
+    fails(argv, capsys, adapter / culprit, message)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_eval_refuses_an_adapter_for_another_model_before_loading(config_only_model, no_model_loads, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    get_peft_model(make_model(hidden=64), SteeringConfig(layers=[1])).save_pretrained(adapter)
+    argv = ["eval", "--model", config_only_model, "--adapter", adapter, "--behavior", "power-seeking"]
+    fails(argv, capsys, adapter / "adapter_config.json", "hidden size 64")
