@@ -33,7 +33,7 @@ from peft_steer.evaluate import (
 )
 from peft_steer.interop import read_adapter_for
 from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
-from peft_steer.staging import publish_new, written_whole
+from peft_steer.staging import check_destination, publish_new, written_whole
 
 from .errors import CommandError
 
@@ -134,6 +134,14 @@ def _ab_format(args: argparse.Namespace, tokenizer: Any) -> Any:
     return chat_ab_prompt(tokenizer, None if args.no_system_prompt else args.system_prompt)
 
 
+def _check_destination(option: str, path: str, new: bool = False) -> None:
+    """The output file checked before any work (`check_destination`): a failure after the run would lose it."""
+    try:
+        check_destination(path, new=new)
+    except OSError as error:
+        raise CommandError(f"{option} {error}") from None
+
+
 def _check_adapter(args: argparse.Namespace) -> None:
     """The adapter folder checked by the reader every command shares (its errors name the file to fix), and against
     --model's config: before any model is loaded."""
@@ -161,8 +169,8 @@ def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
 def run_eval(args: argparse.Namespace) -> None:
     """Score the adapter at each multiplier and print (and with --json, write) the scores."""
     multipliers = parse_multipliers(args.multipliers)
-    if args.json and os.path.exists(args.json):
-        raise CommandError(f"--json {args.json} exists: remove it or choose another file (nothing is overwritten).")
+    if args.json:
+        _check_destination("--json", args.json, new=True)
     if args.batch_size < 1:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1.")
     if args.data and not os.path.exists(args.data):
@@ -226,8 +234,7 @@ def run_generate(args: argparse.Namespace) -> None:
     multipliers = parse_multipliers(args.multipliers)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise CommandError("--max-new-tokens and --batch-size must be at least 1.")
-    if os.path.isdir(args.out):
-        raise CommandError(f"--out {args.out} is a folder; name a .jsonl file.")
+    _check_destination("--out", args.out)
     if args.prompt is not None:
         questions = [prompt for prompt in args.prompt]
         if not all(question.strip() for question in questions):

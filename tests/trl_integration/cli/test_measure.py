@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ def adapter_dir(model_dir, tmp_path) -> str:
 
 def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapter_dir, tmp_path, capsys):
     out = tmp_path / "scores.json"
+    (tmp_path / "scores.json.partial").write_text("mine")  # a user's file, never taken for a temporary (issue 24)
     argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--behavior", "power-seeking"]
     argv += ["--metric", "preference", "--multipliers", "-1,0,1", "--limit", "6", "--json", str(out)]
     assert main(argv) == 0
@@ -52,6 +54,7 @@ def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapt
     assert "multiplier" in table and "+1" in table
     assert main(argv) == 2  # the JSON file is never overwritten
     assert json.loads(out.read_text()) == report
+    assert (tmp_path / "scores.json.partial").read_text() == "mine"
 
 
 def test_eval_ab_on_a_data_file_and_bad_input(model_dir, adapter_dir, tmp_path, capsys):
@@ -155,3 +158,42 @@ def test_eval_refuses_an_adapter_for_another_model_before_loading(config_only_mo
     get_peft_model(make_model(hidden=64), SteeringConfig(layers=[1])).save_pretrained(adapter)
     argv = ["eval", "--model", config_only_model, "--adapter", adapter, "--behavior", "power-seeking"]
     fails(argv, capsys, adapter / "adapter_config.json", "hidden size 64")
+
+
+def _dangling(tmp_path):
+    (tmp_path / "link.json").symlink_to(tmp_path / "nowhere.json")
+    return tmp_path / "link.json"
+
+
+def _read_only_folder(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes in a read-only folder")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    return tmp_path / "ro" / "s.json"
+
+
+# name: (the --json / --out path the case makes, what the line must say)
+BAD_DESTINATIONS = {
+    "missing folder": (lambda tmp: tmp / "no-such-folder" / "s.json", "does not exist; create it first"),
+    "a file for a folder": (lambda tmp: tmp / "adapter" / "adapter_config.json" / "s.json", "does not exist"),
+    "dangling symlink": (_dangling, "symbolic link"),
+    "read-only folder": (_read_only_folder, "cannot write"),
+    "a folder": (lambda tmp: tmp / "adapter", "is a folder"),
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("case", list(BAD_DESTINATIONS))
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    config_only_model, no_model_loads, tmp_path, capsys, case, command
+):
+    """Not after the whole evaluation, naming an internal temporary file (issue 24)."""
+    adapter = save_adapter(tmp_path / "adapter")
+    make_path, message = BAD_DESTINATIONS[case]
+    path = make_path(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    option = "--json" if command == "eval" else "--out"
+    argv = [command, "--model", config_only_model, "--adapter", adapter, "--behavior", "power-seeking", option, path]
+    err = fails(argv, capsys, f"{option} {path}", message)
+    assert "peft-steer-" not in err and ".partial" not in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
