@@ -9,6 +9,7 @@ report the same thing.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import reprlib
@@ -87,6 +88,16 @@ def read_adapter_for(
     for block, vector in vectors.items():
         check_vector(vector, block, config.hidden_size, weights_path)
     return config, vectors
+
+
+def adapter_digest(config: SteeringConfig, vectors: dict[int, torch.Tensor]) -> str:
+    """A short hash of what an adapter steers with: its vectors (as float32, the dtype they steer in) and positions.
+    The same for a copied or renamed folder; another for any other vector."""
+    digest = hashlib.sha256(f"positions={config.positions}".encode())
+    for block, vector in sorted(vectors.items()):
+        digest.update(f";{block}:".encode())
+        digest.update(vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _read_config(folder: str, config_path: str) -> SteeringConfig:

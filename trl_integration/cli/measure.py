@@ -8,8 +8,10 @@ import os
 import sys
 from typing import Any
 
+import torch
 from peft import PeftModel
 
+from peft_steer import SteeringConfig
 from peft_steer.adapter.config import FLOAT32_MAX
 from peft_steer.data import (
     BEHAVIORS,
@@ -31,8 +33,9 @@ from peft_steer.evaluate import (
     score_table,
     side_by_side,
 )
-from peft_steer.interop import read_adapter_for
-from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
+from peft_steer.evaluate.generation import check_resumable, distinct_strengths
+from peft_steer.interop import adapter_digest, read_adapter_for
+from peft_steer.models import MODEL_HELP, load_model, load_tokenizer, portable_name
 from peft_steer.staging import check_destination, publish_new, written_whole
 
 from .errors import CommandError
@@ -112,6 +115,15 @@ def parse_multipliers(text: str) -> list[float]:
     return values
 
 
+def _once(given: list, distinct: list, option: str, what: str) -> list:
+    """``distinct``, having said on stderr how many of the ``given`` values of ``option`` were repeats (once every
+    check has passed: an error stays one line)."""
+    if len(distinct) < len(given):
+        repeats = len(given) - len(distinct)
+        print(f"{option}: {repeats} repeated {what}{'s' if repeats > 1 else ''} dropped", file=sys.stderr)
+    return distinct
+
+
 def _limited(rows: list, limit: int | None, what: str) -> list:
     if limit is not None and limit < 1:
         raise CommandError(f"--limit {limit}: must be at least 1.")
@@ -142,10 +154,15 @@ def _check_destination(option: str, path: str, new: bool = False) -> None:
         raise CommandError(f"{option} {error}") from None
 
 
-def _check_adapter(args: argparse.Namespace) -> None:
+def _check_adapter(args: argparse.Namespace) -> tuple[SteeringConfig, dict[int, torch.Tensor]]:
     """The adapter folder checked by the reader every command shares (its errors name the file to fix), and against
     --model's config: before any model is loaded."""
-    read_adapter_for(args.adapter, args.model)
+    return read_adapter_for(args.adapter, args.model)
+
+
+def _model_identity(model: str) -> str:
+    """--model as records name it: a local path made absolute (the same folder from anywhere), a hub id as given."""
+    return os.path.abspath(model) if os.path.exists(model) else portable_name(model)
 
 
 def _load_steered(args: argparse.Namespace) -> PeftModel:
@@ -176,6 +193,7 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.data and not os.path.exists(args.data):
         raise CommandError(f"--data {args.data}: no such file or folder.")
     _check_adapter(args)
+    multipliers = _once(multipliers, distinct_strengths(multipliers), "--multipliers", "value")
     tokenizer = load_tokenizer(args.model)
     try:
         if args.metric == "ab":
@@ -236,13 +254,22 @@ def run_generate(args: argparse.Namespace) -> None:
         raise CommandError("--max-new-tokens and --batch-size must be at least 1.")
     _check_destination("--out", args.out)
     if args.prompt is not None:
-        questions = [prompt for prompt in args.prompt]
+        questions = args.prompt
         if not all(question.strip() for question in questions):
             raise CommandError("--prompt: empty prompt text.")
     else:
         questions = list(dict.fromkeys(row["question"] for row in read_behavior_rows(args.behavior, "test")))
     questions = _limited(questions, args.limit, "questions")
-    _check_adapter(args)
+    config, vectors = _check_adapter(args)
+    # what made the records, stored with them: a rerun with other settings is refused, not given the old answers
+    settings = {"model": _model_identity(args.model), "adapter": adapter_digest(config, vectors)}
+    settings["format"] = _format_options(args)
+    try:
+        check_resumable(args.out, args.max_new_tokens, settings)  # before the model loads
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    questions = _once(questions, list(dict.fromkeys(questions)), "--prompt", "prompt")
+    multipliers = _once(multipliers, distinct_strengths(multipliers), "--multipliers", "value")
     tokenizer = load_tokenizer(args.model)
     model = _load_steered(args)
     formatter = PairFormatter(tokenizer, **_format_options(args))
@@ -256,6 +283,7 @@ def run_generate(args: argparse.Namespace) -> None:
             format_prompt=formatter.prompt,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
+            settings=settings,
         )
     except ValueError as error:
         raise CommandError(str(error)) from None

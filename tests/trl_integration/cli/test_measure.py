@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -197,3 +198,48 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(
     err = fails(argv, capsys, f"{option} {path}", message)
     assert "peft-steer-" not in err and ".partial" not in err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_generate_resumes_only_a_file_made_with_the_same_settings(model_dir, adapter_dir, tmp_path, capsys):
+    """Not the old answers under new settings (issue 24, item 3): refused before the model loads, naming the
+    setting; repeated inputs asked once, and said (item 5)."""
+    out = tmp_path / "answers.jsonl"
+    argv = ["generate", "--model", model_dir, "--prompt", "Hi?", "Hi?", "--max-new-tokens", "3", "--out", str(out)]
+    assert main([*argv, "--adapter", adapter_dir, "--multipliers", "1,1.0,-0,0"]) == 0
+    assert "--multipliers: 2 repeated values dropped" in capsys.readouterr().err
+    text = out.read_text()
+    assert [json.loads(line)["multiplier"] for line in text.splitlines()] == [1.0, 0.0]
+    other = tmp_path / "other"
+    get_peft_model(load_model(model_dir), SteeringConfig(layers=[1], init="random")).save_pretrained(other)
+    changed = {
+        "adapter": [*argv, "--adapter", str(other)],
+        "max_new_tokens": [*argv[:-4], "--max-new-tokens", "4", "--out", str(out), "--adapter", adapter_dir],
+        "format": [*argv, "--adapter", adapter_dir, "--no-chat-template"],
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(measure, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+        for setting, args in changed.items():
+            fails(args, capsys, f"{out}, line 1: made with {setting} ", "write to another file")
+    assert out.read_text() == text
+    assert main([*argv, "--adapter", adapter_dir, "--multipliers", "0,2"]) == 0  # the same settings: resumed
+    assert [json.loads(line)["multiplier"] for line in out.read_text().splitlines()] == [1.0, 0.0, 2.0]
+    assert "--prompt: 1 repeated prompt dropped" in capsys.readouterr().err
+
+
+def test_generate_refuses_bad_records_and_a_second_writer_before_loading(
+    config_only_model, no_model_loads, tmp_path, capsys
+):
+    adapter = save_adapter(tmp_path / "adapter")
+    out = tmp_path / "answers.jsonl"
+    argv = ["generate", "--model", config_only_model, "--adapter", adapter, "--prompt", "Hi?", "--out", out]
+    for line, message in [
+        ({"id": "a", "question": "Hi?", "multiplier": None, "prompt": "Q", "generation": ""}, "'multiplier' is None"),
+        ({"id": "a", "question": ["Hi?"], "multiplier": 1, "prompt": "Q", "generation": ""}, "'question' is ['Hi?']"),
+        ({"id": "a", "question": "Hi?", "multiplier": 1, "prompt": "Q"}, "'generation' is None"),
+    ]:
+        out.write_text(json.dumps(line) + "\n")
+        fails(argv, capsys, f"{out}, line 1: {message}")
+    out.write_text("")
+    with open(out, "a") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fails(argv, capsys, out, "being written by another run")
