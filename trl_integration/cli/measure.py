@@ -22,7 +22,7 @@ from peft_steer.data import (
     load_preference_data,
     read_behavior_rows,
 )
-from peft_steer.data.files import read_source
+from peft_steer.data.files import read_source, text_cell
 from peft_steer.evaluate import (
     ab_score,
     answer_preference,
@@ -171,16 +171,32 @@ def _load_steered(args: argparse.Namespace) -> PeftModel:
 
 
 def _ab_rows(args: argparse.Namespace) -> list[dict[str, str]]:
-    rows = (
-        read_behavior_rows(args.behavior, "test_infer")
-        if args.behavior
-        else [row.values for row in read_source(args.data)]
-    )
+    records = [] if args.behavior else read_source(args.data)
+    rows = read_behavior_rows(args.behavior, "test_infer") if args.behavior else [row.values for row in records]
     try:
         matching_letters(rows, f"--metric ab on {args.data or args.behavior}")  # the columns and letters of every row
     except ValueError as error:
         raise CommandError(str(error)) from None
+    for record in records:  # the cell check of every metric: not "(B) None" or a list scored as its repr
+        for column in ("question", "A", "B"):
+            text_cell(record, column, allow_empty=column == "question")
     return _limited(rows, args.limit, "questions")
+
+
+def _text_pairs(pairs: Any, source: str) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) of each pair; the formats --metric preference cannot score are named."""
+    columns = ("prompt", "chosen", "rejected")
+    found = None
+    if "prompt" not in pairs.column_names:
+        found = "TRL's implicit-prompt format (chosen / rejected, no prompt column)"
+    elif not all(isinstance(cell, str) for column in columns for cell in pairs[column]):
+        found = "conversational (lists of messages)"
+    if found is not None:
+        raise CommandError(
+            f"--metric preference on {source}: the data is {found}; the metric takes question / matching / "
+            "not_matching (BiPO's format) or prompt / chosen / rejected as text (TRL's standard format)."
+        )
+    return list(zip(*(pairs[column] for column in columns)))
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -205,7 +221,7 @@ def run_eval(args: argparse.Namespace) -> None:
                 if args.behavior
                 else load_preference_data(args.data, tokenizer, **_format_options(args))
             )
-            rows = _limited(list(zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])), args.limit, "pairs")
+            rows = _limited(_text_pairs(pairs, args.data or args.behavior), args.limit, "pairs")
     except DataError as error:
         raise CommandError(str(error)) from None
     model = _load_steered(args)

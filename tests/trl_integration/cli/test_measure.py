@@ -243,3 +243,39 @@ def test_generate_refuses_bad_records_and_a_second_writer_before_loading(
     with open(out, "a") as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         fails(argv, capsys, out, "being written by another run")
+
+
+def test_eval_ab_refuses_cells_that_are_not_text_as_the_preference_metric_does(
+    model_dir, adapter_dir, tmp_path, capsys, monkeypatch
+):
+    """One cell check for every metric (issue 24, item 6): not '(B) None' or a list scored as its text."""
+    monkeypatch.setattr(measure, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    short = tmp_path / "short.csv"
+    short.write_text("question,matching,A,B\nTake power?,A,Yes,No\nGive it away?,B,Yes\n")
+    cases = {short: ("line 3", "column 'B'", "missing")}
+    for name, cell, kind in [("null", None, "missing"), ("list", ["Yes"], "a list"), ("dict", {"t": 1}, "a dict")]:
+        path = tmp_path / f"{name}.jsonl"
+        rows = [{"question": "Take power?", "A": "Yes", "B": "No", "matching": "A"}]
+        rows.append({"question": "Give it away?", "A": cell, "B": "No", "matching": "B"})
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        cases[path] = ("line 2", "column 'A'", kind)
+    for path, expected in cases.items():
+        argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--data", path, "--metric", "ab"]
+        fails(argv, capsys, path, *expected)
+
+
+def test_eval_preference_names_the_formats_it_takes(model_dir, adapter_dir, tmp_path, capsys, monkeypatch):
+    """Not "Column 'prompt' doesn't exist" or a tokenizer error (issue 24)."""
+    monkeypatch.setattr(measure, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    user, yes, no = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes"}, {"role": "assistant"}
+    no = {**no, "content": "No"}
+    cases = {
+        "implicit": ({"chosen": "Hi? Yes", "rejected": "Hi? No"}, "implicit-prompt format"),
+        "conversational": ({"prompt": [user], "chosen": [yes], "rejected": [no]}, "conversational"),
+        "implicit conversational": ({"chosen": [user, yes], "rejected": [user, no]}, "implicit-prompt format"),
+    }
+    for name, (row, kind) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--data", path, "--metric", "preference"]
+        fails(argv, capsys, f"--metric preference on {path}", kind, "prompt / chosen / rejected as text")
