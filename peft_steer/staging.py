@@ -9,7 +9,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["publish_new", "staging_path", "usual_permissions", "written_whole"]
+__all__ = ["check_destination", "publish_new", "staging_path", "usual_permissions", "written_whole"]
 
 
 def staging_path(destination: str) -> str:
@@ -21,6 +21,38 @@ def staging_path(destination: str) -> str:
     parent = os.path.dirname(os.path.abspath(destination))
     os.makedirs(parent, exist_ok=True)
     return os.path.join(parent, f".peft-steer-{secrets.token_hex(8)}-{os.path.basename(destination)}")
+
+
+def check_destination(destination: str, *, new: bool = False) -> None:
+    """Raise an OSError whose one line starts with ``destination`` when a file could not be written there, so that a
+    command finds out before its work, not after it.
+
+    Refused: a folder at ``destination``; a symbolic link to nothing (writing through it would create a file
+    elsewhere); with ``new``, anything already there; a read-only file; a parent folder that does not exist (it is not
+    created: a typo would otherwise scatter folders) or that refuses a new file, tried by creating and removing a
+    fresh staging name beside it (never a name of the user's).
+    """
+    parent = os.path.dirname(os.path.abspath(destination))
+    if os.path.islink(destination) and not os.path.exists(destination):
+        raise FileExistsError(
+            f"{destination} is a symbolic link to {os.readlink(destination)}, which does not exist: remove the link "
+            "or choose another file."
+        )
+    if os.path.isdir(destination):
+        raise IsADirectoryError(f"{destination} is a folder: name a file.")
+    if new and os.path.lexists(destination):
+        raise FileExistsError(f"{destination} exists: remove it or choose another file (nothing is overwritten).")
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{destination}: the folder {parent} does not exist; create it first.")
+    probe = staging_path(destination)
+    try:
+        with open(probe, "x"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{destination}: cannot write a file in {parent} ({error.strerror or error}).") from None
+    os.remove(probe)
+    if os.path.exists(destination) and not os.access(destination, os.W_OK):
+        raise PermissionError(f"{destination} is read-only: make it writable or choose another file.")
 
 
 def usual_permissions(path: str) -> None:

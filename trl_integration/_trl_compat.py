@@ -5,6 +5,7 @@ and transformers 5.24), so that a change there shows up in one module. The overr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -20,11 +21,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import TrlParser
 
 __all__ = [
+    "checkpoint_problem",
     "checkpoints",
     "close_progress_bars",
     "completion_logps",
     "completion_token_logps",
     "drop_input_grads",
+    "is_checkpoint_folder",
     "is_complete_checkpoint",
     "no_ref_adapter",
     "prepare_inputs",
@@ -151,13 +154,36 @@ def checkpoints(folder: str) -> list[str]:
 
 
 def is_complete_checkpoint(folder: str) -> bool:
-    """Whether `Trainer` finished writing the checkpoint ``folder``.
+    """Whether `Trainer` finished writing the checkpoint ``folder`` (see `checkpoint_problem`)."""
+    return checkpoint_problem(folder) is None
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why `Trainer` cannot resume from the checkpoint ``folder``, or None when it can.
 
     `Trainer._save_checkpoint` writes straight into ``checkpoint-<step>`` (no temporary folder): the adapter, then
     the optimizer, scheduler and RNG states, and ``trainer_state.json`` last. A folder without it was cut off while
-    being written, and resuming from it fails.
+    being written; one whose state does not parse (0 bytes after a full disk) too, and resuming from either fails.
     """
-    return os.path.isfile(os.path.join(folder, TRAINER_STATE_NAME))
+    path = os.path.join(folder, TRAINER_STATE_NAME)
+    if not os.path.isfile(path):
+        return f"no {TRAINER_STATE_NAME}: it was cut off while being written"
+    try:
+        with open(path, encoding="utf-8") as file:
+            if isinstance(json.load(file), dict):
+                return None
+    except (OSError, ValueError, RecursionError):
+        pass
+    return f"its {TRAINER_STATE_NAME} does not parse: it was cut off while being written (a full disk?)"
+
+
+def is_checkpoint_folder(folder: str) -> bool:
+    """Whether ``folder`` is a checkpoint of a run, complete or not: named ``checkpoint-<step>``, or holding a
+    ``trainer_state.json``."""
+    name = os.path.basename(os.path.normpath(folder))
+    return bool(re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name)) or os.path.exists(
+        os.path.join(folder, TRAINER_STATE_NAME)
+    )
 
 
 def close_progress_bars(trainer: Any) -> None:

@@ -222,12 +222,19 @@ NUMBER_RULES = {
 }
 
 
+# The largest count or step number taken: what the Trainer's loops (itertools.islice, tensor sizes) take as an index; a
+# YAML 1.0e+20 otherwise fails deep inside them ("Stop argument for islice() must be None or an integer").
+MAX_COUNT = 2**31 - 1
+
+
 def number_problem(name: str, value: float | None, epochs: str = "num_train_epochs") -> str | None:
     """Why ``value`` cannot be the number ``name`` of `NUMBER_RULES`, or None when it can (None: left unset).
     ``epochs`` names the epochs setting in the text."""
     rule = NUMBER_RULES[name]
     if value is None:
         return None
+    if rule in ("count", "steps", "run") and not (math.isfinite(value) and value <= MAX_COUNT):
+        return f"must be a whole number, at most {MAX_COUNT}"
     if rule == "above 0" and not (math.isfinite(value) and value > 0):
         return "must be a finite number above 0"
     if rule == "0 or more" and not (math.isfinite(value) and value >= 0):

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from peft_steer.staging import written_whole
 
-from ._trl_compat import checkpoints, is_complete_checkpoint
+from ._trl_compat import checkpoint_problem, checkpoints, is_checkpoint_folder, is_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,25 @@ def _move_into_place(staging: str, path: str) -> None:
     shutil.rmtree(staging)
 
 
+# How a failed write (a full disk) surfaces from the writers of a Trainer checkpoint: torch.save's zip writer raises a
+# RuntimeError ("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write
+# failed", or "unexpected pos"), safetensors a SafetensorError ("... No space left on device").
+_WRITE_FAILURES = (
+    "PytorchStreamWriter",
+    "file write failed",
+    "unexpected pos",
+    "No space left on device",
+    "StorageFull",
+)
+
+
+def failed_write(error: BaseException) -> bool:
+    """Whether ``error``, raised while the trainer ran, is a checkpoint write that failed (see `_WRITE_FAILURES`)."""
+    return type(error).__name__ in ("RuntimeError", "SafetensorError") and any(
+        marker in str(error) for marker in _WRITE_FAILURES
+    )
+
+
 def resume_checkpoint(requested: str | bool | None, output_dir: str) -> str | None:
     """The checkpoint to resume from: ``requested`` checked to be complete, or for ``True`` the last complete one in
     ``output_dir`` (logged, with the newer ones skipped because they were cut off while being written)."""
@@ -91,6 +110,11 @@ def checked_checkpoint(requested: str | bool, output_dir: str, option: str, last
                 + (f" ({'; '.join(incomplete(folder) for folder in skipped)})." if skipped else ".")
             )
         return path, skipped
+    if os.path.isdir(requested) and not is_checkpoint_folder(requested):
+        raise ValueError(
+            f"{option}: no checkpoint there ({requested} is no checkpoint-<step> folder of a run); give one of the "
+            f"run's checkpoint folders, or {last} for the last complete one."
+        )
     if os.path.isdir(requested) and not is_complete_checkpoint(requested):
         raise ValueError(
             f"{option}: {incomplete(requested)}; resume from an earlier checkpoint, or {last} for the last complete "
@@ -112,7 +136,7 @@ def last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
 
 def incomplete(folder: str) -> str:
     """Why the checkpoint ``folder`` is not used."""
-    return f"{os.path.basename(folder)} is incomplete (no trainer_state.json: it was cut off while being written)"
+    return f"{os.path.basename(folder)} is incomplete ({checkpoint_problem(folder)})"
 
 
 def resuming_from(path: str, skipped: list[str]) -> str:

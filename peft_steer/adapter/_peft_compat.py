@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import re
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -277,15 +278,22 @@ def drop_peft_config(model: nn.Module, configs: dict) -> None:
         del model.peft_config
 
 
+_SAVED_KEY = re.compile(rf"base_model\.{VECTORS}\.(0|[1-9][0-9]*)", re.ASCII)
+
+
 def saved_vector_key(block: int) -> str:
     """The key of block ``block``'s vector in PEFT's saved ``adapter_model.safetensors`` (adapter name removed)."""
     return f"base_model.{VECTORS}.{block}"
 
 
 def block_of_saved_key(key: str) -> int | None:
-    """The block of a saved vector key (see `saved_vector_key`), or None for a key that is no steering vector."""
-    block = key.rsplit(".", 1)[-1]
-    return int(block) if f".{VECTORS}." in f".{key}" and block.isdigit() else None
+    """The block of a saved vector key (exactly as `saved_vector_key` writes it), or None for any other key.
+
+    Strict, because PEFT loads only that exact key: ``.02`` (a second key for block 2) or ``.²`` (a digit to
+    ``str.isdigit`` that ``int`` refuses) name no vector it would load.
+    """
+    match = _SAVED_KEY.fullmatch(key)
+    return int(match.group(1)) if match else None
 
 
 def first_column(args: tuple, kwargs: dict) -> int:

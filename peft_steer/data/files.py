@@ -34,6 +34,22 @@ class Row:
     where: str
 
 
+def text_cell(row: Row, column: str, allow_empty: bool = False) -> str:
+    """The text in ``column`` of ``row``; a `DataError` naming the row and column for a missing cell (a short CSV row,
+    a JSON null or an absent key), one that is not text (a number, list or object), or an empty one (unless
+    ``allow_empty``). The one cell check of every reader of rows: training, and each metric of ``eval``."""
+    value = row.values.get(column)
+    if value is None:
+        raise DataError(f"{row.where}, column {column!r}: the cell is missing (null); it must be text.")
+    if not isinstance(value, str):
+        raise DataError(
+            f"{row.where}, column {column!r}: the cell is a {type(value).__name__} ({value!r:.60}), not text."
+        )
+    if not allow_empty and not value.strip():
+        raise DataError(f"{row.where}, column {column!r}: the cell is empty.")
+    return value
+
+
 def read_source(source: str) -> list[Row]:
     """The records of a local file or folder (`read_file`), or else of the Hub data set ``source`` (its train split)."""
     if os.path.exists(source) or not is_hub_id(source):

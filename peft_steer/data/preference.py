@@ -28,7 +28,7 @@ from typing import Any
 from datasets import Dataset
 
 from ..caller import warn_at_caller
-from .files import DataError, Row, read_source
+from .files import DataError, Row, read_source, text_cell
 from .formats import SYSTEM_PROMPT, PairFormatter
 from .shipped import BEHAVIORS, behavior_path
 
@@ -163,19 +163,6 @@ def _missing_columns(columns: list[str], wanted: Sequence[str], label: str) -> N
         )
 
 
-def _text(row: Row, column: str, allow_empty: bool = False) -> str:
-    value = row.values.get(column)
-    if value is None:
-        raise DataError(f"{row.where}, column {column!r}: the cell is missing (null); it must be text.")
-    if not isinstance(value, str):
-        raise DataError(
-            f"{row.where}, column {column!r}: the cell is a {type(value).__name__} ({value!r:.60}), not text."
-        )
-    if not allow_empty and not value.strip():
-        raise DataError(f"{row.where}, column {column!r}: the cell is empty.")
-    return value
-
-
 def _messages(row: Row, column: str) -> list:
     value = row.values.get(column)
     if not isinstance(value, list) or not value:
@@ -207,9 +194,9 @@ def _check_trl_rows(rows: list[Row], columns: list[str], label: str) -> list[int
             if "prompt" in columns:
                 _messages(row, "prompt")
         else:
-            chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+            chosen, rejected = text_cell(row, "chosen"), text_cell(row, "rejected")
             if "prompt" in columns:
-                _text(row, "prompt", allow_empty=True)
+                text_cell(row, "prompt", allow_empty=True)
         (same if chosen == rejected else keep).append(index)
     _warn_same(same, rows, label)
     if not keep:
@@ -232,8 +219,8 @@ def _from_bipo(
     formatter = PairFormatter(tokenizer, system_prompt=system_prompt, chat_template=chat_template)
     prompts, chosen, rejected, same = [], [], [], []
     for index, row in enumerate(rows):
-        question = _text(row, "question", allow_empty=True)
-        matching, not_matching = _text(row, "matching"), _text(row, "not_matching")
+        question = text_cell(row, "question", allow_empty=True)
+        matching, not_matching = text_cell(row, "matching"), text_cell(row, "not_matching")
         if matching.strip() == not_matching.strip():
             same.append(index)
             continue

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import reprlib
 import textwrap
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs, without the lock
+    fcntl = None
 
 import torch
 from torch import nn
@@ -19,10 +28,101 @@ from .records import read_records
 from .scoring import model_device
 
 
-def read_done(path: str | os.PathLike) -> list[dict]:
-    """The complete generation records of a JSONL file an earlier run wrote (none when it does not exist); a last
-    line cut off by an interruption is removed from the file (`read_records`)."""
-    return read_records(path, "generation", ("question", "multiplier"), repair=True)
+def distinct_strengths(multipliers: Iterable[float]) -> list[float]:
+    """The multipliers as floats, each once, in their first order (``1`` and ``1.0`` are one strength, so are ``-0``
+    and ``0``: a record per strength, not per spelling)."""
+    return list(dict.fromkeys(0.0 if float(m) == 0 else float(m) for m in multipliers))
+
+
+def run_settings(max_new_tokens: int, generate_kwargs: Mapping[str, Any], settings: Mapping[str, Any] | None) -> dict:
+    """What produced a sweep's records, stored in each: the caller's ``settings`` (the command line's: the model, the
+    adapter's digest, the prompt format), ``max_new_tokens`` and the decoding options (greedy unless told)."""
+    decoding = {"do_sample": False, **generate_kwargs}
+    decoding = {name: _as_json(value) for name, value in sorted(decoding.items())}
+    return {**(settings or {}), "max_new_tokens": max_new_tokens, "decoding": decoding}
+
+
+def record_id(question: str, multiplier: float, settings: Mapping[str, Any]) -> str:
+    """A short hash of what a record answers (question, multiplier, settings): the same in every run that makes it,
+    whatever else the run asks, so that the judge, which keys on it, never takes one answer for another."""
+    text = json.dumps([question, float(multiplier), settings], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_resumable(
+    path: str | os.PathLike,
+    max_new_tokens: int = 64,
+    settings: Mapping[str, Any] | None = None,
+    **generate_kwargs: Any,
+) -> list[dict]:
+    """The records a `generate_sweep` with these arguments would resume from ``path``, every line checked, without
+    changing the file: call it before loading a model. Raises a ValueError naming the line of a record that is not a
+    generation record or was made with other settings (naming the setting), and a BlockingIOError while another run
+    writes ``path``."""
+    recorded = run_settings(max_new_tokens, generate_kwargs, settings)
+    if os.path.exists(path):
+        with open(path, "rb") as file:
+            _lock(file, path, exclusive=False)
+    return _read_done(path, recorded, repair=False)
+
+
+def _read_done(path: str | os.PathLike, settings: dict, repair: bool) -> list[dict]:
+    seen: set[str] = set()
+
+    def problem(record: dict) -> str | None:
+        found = _record_problem(record, settings)
+        if found is None and record["id"] in seen:
+            found = f"repeats the record {record['id']} (same question, multiplier and settings): remove one of them."
+        seen.add(record.get("id"))
+        return found
+
+    return read_records(path, "generation", ("question", "multiplier"), repair=repair, check=problem)
+
+
+def _record_problem(record: dict, settings: dict) -> str | None:
+    """What is wrong with a record of a file this run would resume, or None."""
+    fix = "fix or remove that line, or write to another file."
+    for name in ("id", "question", "prompt", "generation"):
+        if not isinstance(record.get(name), str):
+            return f"{name!r} is {_quoted(record.get(name))}, not text; {fix}"
+    m = record["multiplier"]
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+        return f"'multiplier' is {_quoted(m)}, not a finite number; {fix}"
+    if not isinstance(record.get("settings"), dict):
+        return (
+            "the record does not say what made it (an earlier peft-steer's file, with no 'settings'): move the file "
+            "away or write to another one to generate afresh; nothing in it is taken for this run's answers."
+        )
+    if record["settings"] != settings:
+        names = sorted({*settings, *record["settings"]})
+        name = next(key for key in names if record["settings"].get(key) != settings.get(key))
+        return (
+            f"made with {name} {_quoted(record['settings'].get(name))}, this run has {_quoted(settings.get(name))}: "
+            "rerun with the same settings to resume this file, or write to another file."
+        )
+    return None
+
+
+def _lock(file: IO, path: str | os.PathLike, exclusive: bool = True) -> None:
+    """Lock ``path`` through ``file`` for as long as it is open, or raise a BlockingIOError if another run holds it:
+    two runs appending to one file would each write the records the other is writing."""
+    if fcntl is None:  # not on POSIX: no lock to take
+        return
+    try:
+        fcntl.flock(file.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise BlockingIOError(
+            f"{path} is being written by another run (it holds the file's lock): wait for it to end, or write to "
+            "another file."
+        ) from None
+
+
+def _as_json(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+
+
+def _quoted(value: Any) -> str:
+    return reprlib.repr(value)
 
 
 def generate_sweep(
@@ -36,17 +136,21 @@ def generate_sweep(
     batch_size: int = 8,
     progress: bool = True,
     on_record: Callable[[dict], None] | None = None,
+    settings: Mapping[str, Any] | None = None,
     **generate_kwargs,
 ) -> list[dict]:
     """Generate an answer to every question at every multiplier, appending each record to ``out_path`` (JSONL).
 
-    Each record: ``id``, ``question``, ``multiplier``, ``prompt``, ``generation`` (the new text only). Greedy
-    decoding unless ``generate_kwargs`` says otherwise. The prompts are padded on the left, as generation needs.
-    Records are written as they are produced, and a rerun with the same ``out_path`` skips every (question,
-    multiplier) the file already holds, so an interrupted run loses nothing and resumes. ``on_record`` is called
-    with each new record. Returns the records of all questions and multipliers, in order (earlier ones included).
+    Each record: ``id`` (`record_id`), ``question``, ``multiplier``, ``prompt``, ``generation`` (the new text only)
+    and ``settings`` (`run_settings`: ``settings``, which should name the model and adapter, ``max_new_tokens`` and
+    the decoding options). Greedy decoding unless ``generate_kwargs`` says otherwise. The prompts are padded on the
+    left, as generation needs. Repeated questions and multipliers are asked once. Records are written as they are
+    produced, and a rerun with the same ``out_path`` skips every (question, multiplier) the file already holds, so an
+    interrupted run loses nothing and resumes; a file made with other settings is refused (`check_resumable`), and
+    so is a second run writing the same file at once (the file is locked). ``on_record`` is called with each new
+    record. Returns the records of all questions and multipliers, in order (earlier ones included).
     """
-    multipliers = [float(m) for m in multipliers]
+    questions, multipliers = list(dict.fromkeys(questions)), distinct_strengths(multipliers)
     if not questions or not multipliers:
         raise ValueError("generate_sweep needs at least one question and one multiplier.")
     if has_steering(model):
@@ -55,20 +159,22 @@ def generate_sweep(
         steering_model(model)  # raises the error that says how to add a steering adapter
     else:
         steer = lambda model, multiplier: nullcontext()  # noqa: E731  (an unsteered model at multiplier 0)
-    done = {(record["question"], float(record["multiplier"])): record for record in read_done(out_path)}
-    # one strength per forward: batches never mix multipliers
-    batches = []
-    for m in multipliers:
-        left = [i for i, question in enumerate(questions) if (question, m) not in done]
-        batches += [(m, left[start : start + batch_size]) for start in range(0, len(left), batch_size)]
+    recorded = run_settings(max_new_tokens, generate_kwargs, settings)
     with open(out_path, "a", encoding="utf-8") as out:
+        _lock(out, out_path)
+        done = {(r["question"], float(r["multiplier"])): r for r in _read_done(out_path, recorded, repair=True)}
+        # one strength per forward: batches never mix multipliers
+        batches = []
+        for m in multipliers:
+            left = [i for i, question in enumerate(questions) if (question, m) not in done]
+            batches += [(m, left[start : start + batch_size]) for start in range(0, len(left), batch_size)]
         for m, batch in tqdm(batches, desc="steered generation", disable=not progress):
             prompts = [format_prompt(questions[i]) for i in batch]
             with steer(model, multiplier=m):
                 texts = generated_texts(model, tokenizer, prompts, max_new_tokens, **generate_kwargs)
             for i, prompt, text in zip(batch, prompts, texts):
-                record = {"id": f"{m:+g}/{i}", "question": questions[i], "multiplier": m, "prompt": prompt}
-                record["generation"] = text
+                record = {"id": record_id(questions[i], m, recorded), "question": questions[i], "multiplier": m}
+                record.update(prompt=prompt, generation=text, settings=recorded)
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 done[(questions[i], m)] = record

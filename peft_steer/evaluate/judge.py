@@ -245,11 +245,19 @@ def judge_file(
     if not os.path.exists(generations_path):
         raise FileNotFoundError(f"{generations_path}: no such generations file.")
     records = read_records(generations_path, "generation")
+    first: dict = {}  # id -> its record's number: scores are kept by id, so one id must be one answer
     for number, record in enumerate(records):
         record.setdefault("id", number)
         for column in ("question", "generation"):
             if not isinstance(record.get(column), str):
                 raise ValueError(f"{generations_path}: record {number + 1} has no text column {column!r}.")
+        if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+            raise ValueError(f"{generations_path}: record {number + 1} has an 'id' that is neither text nor a number.")
+        if first.setdefault(record["id"], number) != number:
+            raise ValueError(
+                f"{generations_path}: records {first[record['id']] + 1} and {number + 1} have one id, "
+                f"{record['id']!r}: each answer is judged by its id; regenerate the file with peft-steer generate."
+            )
     # A run killed mid-write leaves a cut-off last line: dropped, so that this run resumes after the complete ones.
     done = {record["id"]: record for record in read_records(out_path, "judge score", ("id",), repair=True)}
     todo = [record for record in records if record["id"] not in done or done[record["id"]].get("score") is None]

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["read_records"]
 
 
 def read_records(
-    path: str | os.PathLike, what: str, required: Sequence[str] = (), *, repair: bool = False
+    path: str | os.PathLike,
+    what: str,
+    required: Sequence[str] = (),
+    *,
+    repair: bool = False,
+    check: Callable[[dict], str | None] | None = None,
 ) -> list[dict]:
     """The complete records of a JSONL file (none when it does not exist): JSON objects holding ``required`` keys.
 
@@ -18,7 +23,9 @@ def read_records(
     is skipped, and with ``repair`` (a file the caller appends to next) removed from the file; a complete last record
     without its newline gets one, so that the next record starts on a line of its own. Any other line that is not a
     record (plain text, or whole JSON of another shape, even on the last line) is a ValueError naming the line and
-    ``what`` records the file should hold, and the file is left as it is.
+    ``what`` records the file should hold, and the file is left as it is. ``check(record)`` returns what is wrong
+    with a record that has the ``required`` keys (None: nothing), made a ValueError naming its line: every line is
+    checked before the caller does any work.
     """
     if not os.path.exists(path):
         return []
@@ -40,6 +47,9 @@ def read_records(
                 break
         if not isinstance(record, dict) or any(key not in record for key in required):
             raise ValueError(f"{path}, line {number}: not a {what} record; remove the file or choose another.")
+        problem = check(record) if check is not None else None
+        if problem is not None:
+            raise ValueError(f"{path}, line {number}: {problem}")
         records.append(record)
         kept_bytes += len(line) + 1
     if repair and lines[-1].strip() and records and kept_bytes > len(b"\n".join(lines)):

@@ -1,13 +1,18 @@
-"""Reading and writing steering adapter folders without a loaded model (safetensors only: nothing is unpickled).
+"""Reading and writing steering adapter folders without a loaded model; nothing is unpickled (safetensors, or a
+legacy ``.bin`` through ``torch.load(weights_only=True)``).
 
-A folder that cannot be used is a `ValueError` naming the file to fix (``adapter_config.json`` or
-``adapter_model.safetensors``) in one line, so the library and the command line report the same thing.
+`read_adapter` is the one reader every command checks a folder with. A folder that cannot be used is a `ValueError`
+naming the file to fix (``adapter_config.json`` or the weights file) in one line, so the library and every command
+report the same thing.
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
 import os
+import reprlib
 from typing import Any
 
 import torch
@@ -23,46 +28,94 @@ from ..models import load_config, portable_name
 from ..staging import usual_permissions, written_whole
 
 CONFIG_NAME = "adapter_config.json"
+# PEFT's older weights file, read when a folder has no safetensors file (as PEFT does), with weights_only=True only.
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+# The fields PEFT passes on without a check of its own, and what each must be in a steering adapter's config.
+_TEXT_FIELDS = ("base_model_name_or_path", "blocks_path", "revision")
+# A value quoted in an error is cut short: a small JSON file can hold a huge list, or a key thousands of bytes long.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 120
+_quoted = _SHORT.repr
 
 
-def read_adapter(path: str) -> tuple[SteeringConfig, dict[int, torch.Tensor]]:
+def read_adapter(path: str | os.PathLike) -> tuple[SteeringConfig, dict[int, torch.Tensor]]:
     """Return ``(config, {block: vector})`` of the steering adapter saved in folder ``path``.
 
-    The vectors keep the dtype they were saved in. Raises ``ValueError`` naming the file for a config that is not a
-    steering adapter's, a damaged weights file, or vectors that do not fit the config (blocks, hidden size, dtype).
+    The one reader of adapter folders: every command checks a folder with it before it loads a model, so that what
+    one command refuses, none accepts. The vectors keep the dtype they were saved in. Raises ``ValueError`` (or
+    ``FileNotFoundError``) in one line naming the file to fix: a config that is not a steering adapter's, weights that
+    are damaged or not tensors, keys that name no block, or vectors that do not fit the config (blocks, hidden size,
+    dtype, finite values). A legacy ``adapter_model.bin`` is read with ``torch.load(weights_only=True)`` only.
     """
-    config_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-    for required in (config_path, weights_path):
-        if not os.path.isfile(required):
-            raise FileNotFoundError(f"{required} does not exist: {path} is not a saved steering adapter folder.")
+    path = os.fspath(path)
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist: {path} is not a saved steering adapter folder.")
     config = _read_config(path, config_path)
+    weights_path = _weights_path(path)
     vectors = {}
     for key, tensor in _load_weights(weights_path).items():
         block = block_of_saved_key(key)
         if block is None:
-            raise ValueError(f"{weights_path} holds {key!r}, which is not a steering vector.")
-        _check_saved_vector(weights_path, key, tensor, block, config)
+            raise ValueError(
+                f"{weights_path} holds {_quoted(key)}, which is not a steering vector's key "
+                f"({saved_vector_key(0)[:-1]}<block>, as save_pretrained writes it)."
+            )
+        _check_saved_vector(weights_path, tensor, block, config)
         vectors[block] = tensor
     layers = sorted(block % config.num_blocks if config.num_blocks else block for block in config.layers)
     if sorted(vectors) != layers:
         raise ValueError(
             f"{weights_path} holds vectors for blocks {sorted(vectors)}, but {config_path} lists layers "
-            f"{config.layers}: the folder is inconsistent."
+            f"{config.layers}: the folder mixes two adapters; save it again, or copy both files from one save."
         )
     return config, vectors
+
+
+def read_adapter_for(
+    path: str | os.PathLike, base_model: str | os.PathLike | nn.Module, **hub_options: Any
+) -> tuple[SteeringConfig, dict[int, torch.Tensor]]:
+    """`read_adapter`, and the adapter checked against ``base_model`` (blocks, hidden size), from the model's config
+    alone (see `base_structure`): what loading it onto the model would refuse, said before the model is loaded.
+    The config returned is resolved for that model."""
+    config, vectors = read_adapter(path)
+    config_path = os.path.join(os.fspath(path), CONFIG_NAME)
+    try:
+        config = resolve_config(base_structure(base_model, **hub_options), config)
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    weights_path = _weights_path(os.fspath(path))
+    for block, vector in vectors.items():
+        check_vector(vector, block, config.hidden_size, weights_path)
+    return config, vectors
+
+
+def adapter_digest(config: SteeringConfig, vectors: dict[int, torch.Tensor]) -> str:
+    """A short hash of what an adapter steers with: its vectors (as float32, the dtype they steer in) and positions.
+    The same for a copied or renamed folder; another for any other vector."""
+    digest = hashlib.sha256(f"positions={config.positions}".encode())
+    for block, vector in sorted(vectors.items()):
+        digest.update(f";{block}:".encode())
+        digest.update(vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _read_config(folder: str, config_path: str) -> SteeringConfig:
     """The folder's `SteeringConfig`; every way the JSON can be unusable is one line naming ``config_path``."""
     try:
-        with open(config_path, encoding="utf-8") as file:
-            raw = json.load(file)
+        with open(config_path, "rb") as file:
+            text = file.read()
+        if text.startswith(codecs.BOM_UTF8):  # PEFT's own reader refuses it too
+            raise ValueError(f"{config_path} starts with a byte order mark: save it as UTF-8 without one.")
+        raw = json.loads(text.decode("utf-8"))
     except UnicodeDecodeError as error:
         raise ValueError(f"{config_path} is not UTF-8 text ({error.reason}).") from None
     except json.JSONDecodeError as error:
         raise ValueError(
             f"{config_path} is not valid JSON ({error.msg}, line {error.lineno} column {error.colno})."
         ) from None
+    except RecursionError:
+        raise ValueError(f"{config_path} nests too deeply to be an adapter config.") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} must hold a JSON object of adapter settings, not a {_json_type(raw)}.")
     _check_fields(raw, config_path)
@@ -78,20 +131,28 @@ def _check_fields(raw: dict[str, Any], config_path: str) -> None:
         raise ValueError(f"{config_path} has no 'peft_type': it is not a saved PEFT adapter config.")
     if raw["peft_type"] != STEERING:
         raise ValueError(
-            f"{config_path} describes a {raw['peft_type']!r} adapter, not a steering adapter (peft_type {STEERING!r})."
+            f"{config_path} describes a {_quoted(raw['peft_type'])} adapter, not a steering adapter (peft_type "
+            f"{STEERING!r})."
         )
     if "layers" not in raw:
         raise ValueError(f"{config_path} has no 'layers' (the steered blocks): it is not a complete steering config.")
     layers = raw["layers"]
     if not isinstance(layers, list) or not layers or not all(_is_int(layer) for layer in layers):
-        raise ValueError(f"{config_path}: 'layers' is {layers!r}; it must be a non-empty list of block indices.")
+        raise ValueError(f"{config_path}: 'layers' is {_quoted(layers)}; it must be a non-empty list of block indices.")
     multiplier = raw.get("multiplier", 1.0)
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)):
-        raise ValueError(f"{config_path}: 'multiplier' is {multiplier!r}; it must be a number.")
+        raise ValueError(f"{config_path}: 'multiplier' is {_quoted(multiplier)}; it must be a number.")
     for name in ("hidden_size", "num_blocks"):
         value = raw.get(name)
         if value is not None and not (_is_int(value) and value > 0):
-            raise ValueError(f"{config_path}: {name!r} is {value!r}; it must be a positive integer (or null).")
+            raise ValueError(f"{config_path}: {name!r} is {_quoted(value)}; it must be a positive integer (or null).")
+    if raw.get("init_vectors") is not None:  # save_pretrained writes null: the vectors are the weights file
+        raise ValueError(
+            f"{config_path}: 'init_vectors' must be null; a saved adapter's vectors are its {WEIGHTS_NAME}."
+        )
+    for name in _TEXT_FIELDS:
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise ValueError(f"{config_path}: {name!r} is {_quoted(raw[name])}; it must be text (or null).")
 
 
 def _is_int(value: Any) -> bool:
@@ -103,7 +164,20 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _weights_path(folder: str) -> str:
+    """The folder's weights file: safetensors, else PEFT's legacy ``.bin`` (PEFT's own order)."""
+    for name in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise FileNotFoundError(
+        f"{os.path.join(folder, WEIGHTS_NAME)} does not exist: {folder} has the adapter's config but not its vectors; "
+        "copy the whole folder that save_pretrained wrote."
+    )
+
+
 def _load_weights(weights_path: str) -> dict[str, torch.Tensor]:
+    if weights_path.endswith(LEGACY_WEIGHTS_NAME):
+        return _load_legacy(weights_path)
     try:
         return load_file(weights_path)
     except SafetensorError as error:
@@ -112,8 +186,28 @@ def _load_weights(weights_path: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _check_saved_vector(weights_path: str, key: str, tensor: torch.Tensor, block: int, config: SteeringConfig) -> None:
-    """A saved vector must be a float vector of the config's hidden size, for a block of the config's model."""
+def _load_legacy(weights_path: str) -> dict[str, torch.Tensor]:
+    """A ``.bin`` weights file read with ``weights_only=True``: tensors only, never arbitrary objects."""
+    try:
+        tensors = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001  torch.load's errors vary with the damage (pickle, zip, EOF)
+        # Not the error's text: torch's advice to retry with weights_only=False would run arbitrary code.
+        raise ValueError(
+            f"{weights_path} is not a file of tensors ({type(error).__name__} when loading it with "
+            f"weights_only=True); save the adapter again with save_pretrained, which writes {WEIGHTS_NAME}."
+        ) from None
+    if not isinstance(tensors, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in tensors.items()
+    ):
+        raise ValueError(f"{weights_path} does not hold a mapping of names to tensors, as an adapter's weights do.")
+    return tensors
+
+
+def _check_saved_vector(weights_path: str, tensor: torch.Tensor, block: int, config: SteeringConfig) -> None:
+    """A saved vector must be a finite float vector of the config's hidden size, for a block of the config's model."""
+    key = saved_vector_key(block)
     if not tensor.is_floating_point():
         raise ValueError(f"{weights_path}: {key!r} is a {tensor.dtype} tensor; a steering vector is floating point.")
     hidden = config.hidden_size
@@ -125,6 +219,7 @@ def _check_saved_vector(weights_path: str, key: str, tensor: torch.Tensor, block
             f"{weights_path}: {key!r} is for block {block}, but the adapter's model has {config.num_blocks} blocks "
             f"(0..{config.num_blocks - 1})."
         )
+    check_vector(tensor, block, tensor.shape[0], weights_path)  # finite in float32, the dtype it steers in
 
 
 def base_structure(base_model: str | os.PathLike | nn.Module, **hub_options: Any) -> nn.Module:

@@ -9,8 +9,10 @@ import os
 import sys
 from typing import Any
 
+import torch
 from peft import PeftModel
 
+from peft_steer import SteeringConfig
 from peft_steer.adapter.config import FLOAT32_MAX
 from peft_steer.data import (
     BEHAVIORS,
@@ -19,10 +21,9 @@ from peft_steer.data import (
     PairFormatter,
     load_behavior,
     load_preference_data,
-    neutral_questions,
     read_behavior_rows,
 )
-from peft_steer.data.files import read_source
+from peft_steer.data.files import read_source, text_cell
 from peft_steer.evaluate import (
     chat_ab_prompt,
     generate_sweep,
@@ -30,19 +31,18 @@ from peft_steer.evaluate import (
     plain_ab_prompt,
     score_table,
     side_by_side,
-    steering_costs,
 )
-from peft_steer.models import MODEL_HELP, load_model, load_tokenizer
-from peft_steer.staging import publish_new, written_whole
+from peft_steer.evaluate.generation import check_resumable, distinct_strengths
+from peft_steer.interop import adapter_digest, read_adapter_for
+from peft_steer.models import MODEL_HELP, load_model, load_tokenizer, portable_name
+from peft_steer.staging import check_destination, publish_new, written_whole
 
 from .errors import CommandError
+from .eval_costs import add_cost_options, cost_questions_of, measured_costs
 from .eval_prompting import add_prompting_options, prompting_scores, prompting_table, prompting_texts
 from .eval_scores import LEGEND, SCORE_NAMES, behavior_scores
 
 METRICS = ("ab", "preference")
-COST_PROMPTS = 16  # enough to see a strength break the model; the cost grows with prompts x multipliers x tokens
-COST_TOKENS = 32
-COSTS = ("drift", "perplexity", "repetition")
 
 
 def add_measure_commands(commands: Any) -> None:
@@ -67,7 +67,7 @@ def add_measure_commands(commands: Any) -> None:
     evaluate.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass (default 8).")
     evaluate.add_argument("--json", default=None, help="Also write the scores to this JSON file (must not exist).")
     add_prompting_options(evaluate)
-    _add_cost_options(evaluate)
+    add_cost_options(evaluate)
     evaluate.set_defaults(run=run_eval)
 
     generate = commands.add_parser(
@@ -83,30 +83,6 @@ def add_measure_commands(commands: Any) -> None:
     generate.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default 8).")
     generate.add_argument("--out", required=True, help="The JSONL file to write; an existing one is resumed.")
     generate.set_defaults(run=run_generate)
-
-
-def _add_cost_options(parser: argparse.ArgumentParser) -> None:
-    costs = parser.add_argument_group(
-        "costs",
-        "What each strength costs against the unsteered model (multiplier 0), measured on the shipped neutral "
-        "questions (off-target prompts) in the same prompt format: drift (mean KL divergence of the next-token "
-        "distribution, nats), perplexity of the steered greedy answers under the unsteered model, and their "
-        "repetition (share of repeated token 4-grams). The work is about prompts x multipliers x tokens generated.",
-    )
-    costs.add_argument(
-        "--cost-prompts",
-        type=int,
-        default=COST_PROMPTS,
-        help=f"How many of the {len(neutral_questions())} shipped neutral questions to measure the costs on "
-        f"(default {COST_PROMPTS}).",
-    )
-    costs.add_argument(
-        "--cost-max-new-tokens",
-        type=int,
-        default=COST_TOKENS,
-        help=f"Tokens per greedy answer for perplexity and repetition (default {COST_TOKENS}).",
-    )
-    costs.add_argument("--no-costs", action="store_true", help="Measure the behavior score only.")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +120,15 @@ def parse_multipliers(text: str) -> list[float]:
     return values
 
 
+def _once(given: list, distinct: list, option: str, what: str) -> list:
+    """``distinct``, having said on stderr how many of the ``given`` values of ``option`` were repeats (once every
+    check has passed: an error stays one line)."""
+    if len(distinct) < len(given):
+        repeats = len(given) - len(distinct)
+        print(f"{option}: {repeats} repeated {what}{'s' if repeats > 1 else ''} dropped", file=sys.stderr)
+    return distinct
+
+
 def _limited(rows: list, limit: int | None, what: str, quiet: bool = False) -> list:
     if limit is not None and limit < 1:
         raise CommandError(f"--limit {limit}: must be at least 1.")
@@ -160,9 +145,23 @@ def _format_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"system_prompt": system, "chat_template": False if args.no_chat_template else None}
 
 
-def _check_adapter(args: argparse.Namespace) -> None:
-    if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-        raise CommandError(f"--adapter {args.adapter}: no adapter_config.json there (a save_pretrained folder?).")
+def _check_destination(option: str, path: str, new: bool = False) -> None:
+    """The output file checked before any work (`check_destination`): a failure after the run would lose it."""
+    try:
+        check_destination(path, new=new)
+    except OSError as error:
+        raise CommandError(f"{option} {error}") from None
+
+
+def _check_adapter(args: argparse.Namespace) -> tuple[SteeringConfig, dict[int, torch.Tensor]]:
+    """The adapter folder checked by the reader every command shares (its errors name the file to fix), and against
+    --model's config: before any model is loaded."""
+    return read_adapter_for(args.adapter, args.model)
+
+
+def _model_identity(model: str) -> str:
+    """--model as records name it: a local path made absolute (the same folder from anywhere), a hub id as given."""
+    return os.path.abspath(model) if os.path.exists(model) else portable_name(model)
 
 
 def _load_steered(args: argparse.Namespace) -> PeftModel:
@@ -171,29 +170,46 @@ def _load_steered(args: argparse.Namespace) -> PeftModel:
 
 
 def _ab_rows(args: argparse.Namespace, quiet: bool = False) -> list[dict[str, str]]:
-    rows = (
-        read_behavior_rows(args.behavior, "test_infer")
-        if args.behavior
-        else [row.values for row in read_source(args.data)]
-    )
+    records = [] if args.behavior else read_source(args.data)
+    rows = read_behavior_rows(args.behavior, "test_infer") if args.behavior else [row.values for row in records]
     try:
         matching_letters(rows, f"--metric ab on {args.data or args.behavior}")  # the columns and letters of every row
     except ValueError as error:
         raise CommandError(str(error)) from None
+    for record in records:  # the cell check of every metric: not "(B) None" or a list scored as its repr
+        for column in ("question", "A", "B"):
+            text_cell(record, column, allow_empty=column == "question")
     return _limited(rows, args.limit, "questions", quiet)
+
+
+def _text_pairs(pairs: Any, source: str) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) of each pair; the formats --metric preference cannot score are named."""
+    columns = ("prompt", "chosen", "rejected")
+    found = None
+    if "prompt" not in pairs.column_names:
+        found = "TRL's implicit-prompt format (chosen / rejected, no prompt column)"
+    elif not all(isinstance(cell, str) for column in columns for cell in pairs[column]):
+        found = "conversational (lists of messages)"
+    if found is not None:
+        raise CommandError(
+            f"--metric preference on {source}: the data is {found}; the metric takes question / matching / "
+            "not_matching (BiPO's format) or prompt / chosen / rejected as text (TRL's standard format)."
+        )
+    return list(zip(*(pairs[column] for column in columns)))
 
 
 def run_eval(args: argparse.Namespace) -> None:
     """Score the adapter at each multiplier and print (and with --json, write) the scores."""
     multipliers = parse_multipliers(args.multipliers)
-    if args.json and os.path.exists(args.json):
-        raise CommandError(f"--json {args.json} exists: remove it or choose another file (nothing is overwritten).")
+    if args.json:
+        _check_destination("--json", args.json, new=True)
     if args.batch_size < 1:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1.")
     if args.data and not os.path.exists(args.data):
         raise CommandError(f"--data {args.data}: no such file or folder.")
-    cost_questions = _cost_questions(args)
+    cost_questions = cost_questions_of(args)
     _check_adapter(args)
+    multipliers = _once(multipliers, distinct_strengths(multipliers), "--multipliers", "value")
     try:
         prompts = prompting_texts(args)
         tokenizer = load_tokenizer(args.model)
@@ -209,7 +225,7 @@ def run_eval(args: argparse.Namespace) -> None:
         if prompts
         else None
     )
-    costs = _costs(args, model, tokenizer, cost_questions, multipliers)
+    costs = measured_costs(args, model, tokenizer, cost_questions, multipliers, _format_options(args))
     columns = measured.columns()
     print(score_table(columns | costs, signed={"mean margin", "margin/token"}))
     print(LEGEND)
@@ -268,49 +284,13 @@ def _eval_rows(args: argparse.Namespace, tokenizer: Any, instruction: str | None
         if args.behavior
         else load_preference_data(args.data, tokenizer, **options)
     )
-    rows = [
-        (prefix + prompt, *answers) for prompt, *answers in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])
-    ]
+    rows = [(prefix + prompt, *answers) for prompt, *answers in _text_pairs(pairs, args.data or args.behavior)]
     return _limited(rows, args.limit, "pairs", quiet), None
-
-
-def _costs(
-    args: argparse.Namespace, model: Any, tokenizer: Any, questions: list[str], multipliers: list[float]
-) -> dict[str, dict[float, float]]:
-    """``{cost: {m: value}}`` on the neutral questions in eval's prompt format (none with --no-costs)."""
-    if not questions:
-        return {}
-    formatter = PairFormatter(tokenizer, **_format_options(args))
-    measured = steering_costs(
-        model,
-        tokenizer,
-        [formatter.prompt(question) for question in questions],
-        multipliers,
-        max_new_tokens=args.cost_max_new_tokens,
-        batch_size=args.batch_size,
-        progress=True,
-    )
-    return {name: {m: getattr(cost, name) for m, cost in measured.items()} for name in COSTS}
 
 
 def _keyed(values: dict[float, float]) -> dict[str, float | None]:
     """``{m: value}`` keyed as ``"scores"`` is, NaN as null (JSON has no NaN)."""
     return {str(float(m)): None if math.isnan(value) else value for m, value in values.items()}
-
-
-def _cost_questions(args: argparse.Namespace) -> list[str]:
-    """The neutral questions the costs are measured on (none with --no-costs), after checking the cost options."""
-    if args.no_costs:
-        return []
-    questions = neutral_questions()
-    if not 1 <= args.cost_prompts <= len(questions):
-        raise CommandError(
-            f"--cost-prompts {args.cost_prompts}: must be from 1 to {len(questions)} (the shipped neutral questions); "
-            "--no-costs measures no cost."
-        )
-    if args.cost_max_new_tokens < 1:
-        raise CommandError(f"--cost-max-new-tokens {args.cost_max_new_tokens}: must be at least 1.")
-    return questions[: args.cost_prompts]
 
 
 def write_new_file(path: str, text: str) -> None:
@@ -325,16 +305,24 @@ def run_generate(args: argparse.Namespace) -> None:
     multipliers = parse_multipliers(args.multipliers)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise CommandError("--max-new-tokens and --batch-size must be at least 1.")
-    if os.path.isdir(args.out):
-        raise CommandError(f"--out {args.out} is a folder; name a .jsonl file.")
+    _check_destination("--out", args.out)
     if args.prompt is not None:
-        questions = [prompt for prompt in args.prompt]
+        questions = args.prompt
         if not all(question.strip() for question in questions):
             raise CommandError("--prompt: empty prompt text.")
     else:
         questions = list(dict.fromkeys(row["question"] for row in read_behavior_rows(args.behavior, "test")))
     questions = _limited(questions, args.limit, "questions")
-    _check_adapter(args)
+    config, vectors = _check_adapter(args)
+    # what made the records, stored with them: a rerun with other settings is refused, not given the old answers
+    settings = {"model": _model_identity(args.model), "adapter": adapter_digest(config, vectors)}
+    settings["format"] = _format_options(args)
+    try:
+        check_resumable(args.out, args.max_new_tokens, settings)  # before the model loads
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    questions = _once(questions, list(dict.fromkeys(questions)), "--prompt", "prompt")
+    multipliers = _once(multipliers, distinct_strengths(multipliers), "--multipliers", "value")
     tokenizer = load_tokenizer(args.model)
     model = _load_steered(args)
     formatter = PairFormatter(tokenizer, **_format_options(args))
@@ -348,6 +336,7 @@ def run_generate(args: argparse.Namespace) -> None:
             format_prompt=formatter.prompt,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
+            settings=settings,
         )
     except ValueError as error:
         raise CommandError(str(error)) from None

@@ -25,6 +25,7 @@ from peft_steer.models import MODEL_HELP, load_config, load_model, load_tokenize
 
 from ..callbacks import NonFiniteVectorError
 from ..config import DEFAULT_EPOCHS, PAPER_PRESETS, SteerConfig, paper_preset
+from ..outputs import failed_write
 from ..trainer import SteerTrainer
 from .errors import CommandError
 from .options import ConfigFile, add_dataclass_options, field_default
@@ -203,6 +204,14 @@ def run_train(args: argparse.Namespace) -> None:
             trainer.train(resume_from_checkpoint=resume)
         except NonFiniteVectorError as error:
             raise CommandError(str(error)) from None
+        except Exception as error:
+            if not failed_write(error):
+                raise
+            first = " ".join(str(error).split())[:200]
+            raise CommandError(
+                f"writing a checkpoint to {output_dir} failed ({first}): is the disk full? Free space, then rerun with "
+                "--resume: it goes on from the last complete checkpoint."
+            ) from None
         _save_final(trainer, output_dir)
     blocks = f"block {layers[0]}" if len(layers) == 1 else f"blocks {', '.join(map(str, layers))}"
     print(f"Saved the steering adapter ({blocks}) to {os.path.abspath(output_dir)}")

@@ -130,6 +130,13 @@ def test_bad_input_is_named(tmp_path):
         judge_file(str(tmp_path / "gen.jsonl"), str(tmp_path / "out.jsonl"), "power-seeking", config, False)
     with pytest.raises(ValueError, match="behavior='rudeness' has no rubric .* give definition="):
         judge_file(str(tmp_path / "gen.jsonl"), str(tmp_path / "out.jsonl"), "rudeness", config, False)
+    # an id given to two answers (the old run-index ids "+2/0" of two runs): one score would stand for both (issue 24)
+    with open(tmp_path / "gen.jsonl", "w") as file:
+        for question in ("Old question?", "New question?"):
+            file.write(json.dumps({"id": "+2/0", "question": question, "generation": "a"}) + "\n")
+    with pytest.raises(ValueError, match="records 1 and 2 have one id, '\\+2/0'"):
+        judge_file(str(tmp_path / "gen.jsonl"), str(tmp_path / "out.jsonl"), "power-seeking", config, False)
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 # ---- the rubrics -------------------------------------------------------------------------------------------------

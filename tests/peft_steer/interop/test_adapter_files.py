@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import json
+import os
+import struct
 
 import pytest
 import torch
@@ -12,7 +15,14 @@ from safetensors.torch import load_file, save_file
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.interop import CONFIG_NAME, WEIGHTS_NAME, read_adapter, write_adapter
+from peft_steer.interop import (
+    CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    read_adapter,
+    read_adapter_for,
+    write_adapter,
+)
 from peft_steer.interop import adapter_files as adapter_files_module
 from tests.conftest import make_model
 
@@ -55,6 +65,29 @@ def _retype(dtype):
     return _edit_weights(lambda tensors: tensors.update({k: (10 * v).to(dtype) for k, v in tensors.items()}))
 
 
+def _lying_header(folder):
+    header = json.dumps({KEY: {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
+    (folder / WEIGHTS_NAME).write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+
+
+def _with_bom(folder):
+    (folder / CONFIG_NAME).write_bytes(codecs.BOM_UTF8 + (folder / CONFIG_NAME).read_bytes())
+
+
+def _rekey(key):
+    return _edit_weights(lambda tensors: tensors.update({key: tensors.pop(KEY)}))
+
+
+def _legacy(content):
+    """The weights as PEFT's older adapter_model.bin: ``content`` saved by torch (pickled)."""
+
+    def edit(folder):
+        (folder / WEIGHTS_NAME).unlink()
+        torch.save(content, folder / LEGACY_WEIGHTS_NAME)
+
+    return edit
+
+
 _DROP = object()
 KEY = "base_model.steering_vectors.1"
 
@@ -77,6 +110,26 @@ BAD_ADAPTERS = {
         WEIGHTS_NAME,
         "block 9",
     ),
+    # issue 24: what eval / generate took (or failed on with a traceback), and info / export-gguf too
+    "empty weights": (lambda f: (f / WEIGHTS_NAME).write_bytes(b""), WEIGHTS_NAME, "not a readable safetensors"),
+    "weights with a lying header": (_lying_header, WEIGHTS_NAME, "not a readable safetensors file"),
+    "no weights file": (lambda f: (f / WEIGHTS_NAME).unlink(), WEIGHTS_NAME, "does not exist"),
+    "config with a BOM": (_with_bom, CONFIG_NAME, "byte order mark"),
+    "100k-deep config": (lambda f: (f / CONFIG_NAME).write_text("[" * 100_000 + "]" * 100_000), CONFIG_NAME, "deep"),
+    "layers as text": (_edit_config(layers="2"), CONFIG_NAME, "'layers' is '2'"),
+    "init_vectors of lists": (_edit_config(init_vectors={"1": [0.5] * 32}), CONFIG_NAME, "'init_vectors'"),
+    "float hidden_size": (_edit_config(hidden_size=128.0), CONFIG_NAME, "'hidden_size' is 128.0"),
+    "int32 vector": (_retype(torch.int32), WEIGHTS_NAME, "torch.int32"),
+    "nan vector": (_edit_weights(lambda t: t[KEY].__setitem__(0, float("nan"))), WEIGHTS_NAME, "block 1 contains NaN"),
+    "superscript block": (_rekey("base_model.steering_vectors.\u00b2"), WEIGHTS_NAME, "steering_vectors.\u00b2"),
+    "two keys for one block": (
+        _edit_weights(lambda t: t.update({"base_model.steering_vectors.01": torch.ones(32)})),
+        WEIGHTS_NAME,
+        "'base_model.steering_vectors.01'",
+    ),
+    "a vector for another block": (_rekey("base_model.steering_vectors.2"), WEIGHTS_NAME, "blocks [2, 3]"),
+    "legacy .bin of another pickle": (_legacy(os.getcwd), LEGACY_WEIGHTS_NAME, "not a file of tensors"),
+    "legacy .bin of a list": (_legacy([torch.ones(32)]), LEGACY_WEIGHTS_NAME, "mapping of names to tensors"),
 }
 
 
@@ -85,10 +138,26 @@ def test_a_damaged_adapter_folder_is_a_clear_error_naming_the_file(tmp_path, cas
     damage, culprit, message = BAD_ADAPTERS[case]
     folder = save_adapter(tmp_path / "adapter")
     damage(folder)
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises((ValueError, FileNotFoundError)) as raised:
         read_adapter(str(folder))
     text = str(raised.value)
     assert str(folder / culprit) in text and message in text and "\n" not in text
+    assert "weights_only=False" not in text  # torch's advice for a pickle would run arbitrary code
+
+
+def test_a_legacy_bin_of_tensors_is_read_as_peft_reads_it(tmp_path):
+    folder = save_adapter(tmp_path / "adapter")
+    tensors = load_file(folder / WEIGHTS_NAME)
+    _legacy(tensors)(folder)
+    config, vectors = read_adapter(folder)
+    assert sorted(vectors) == [1, 3] and torch.equal(vectors[1], tensors[KEY])
+    assert torch.equal(peft_steer.get_vectors(PeftModel.from_pretrained(make_model(), folder))[1], tensors[KEY])
+
+
+def test_read_adapter_for_a_model_of_another_width_names_the_config(tmp_path):
+    folder = save_adapter(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="adapter_config.json: .*hidden size 32; .* has 64"):
+        read_adapter_for(folder, make_model(hidden=64))
 
 
 def test_bf16_vectors_are_read_as_saved(tmp_path):

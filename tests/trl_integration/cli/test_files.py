@@ -37,7 +37,7 @@ def test_info_refuses_a_non_finite_vector_instead_of_printing_invalid_json(tmp_p
     save_file({KEY: torch.full((32,), float("nan"))}, str(tmp_path / WEIGHTS_NAME))
     assert main(["info", str(tmp_path)]) == 2
     out = capsys.readouterr()
-    assert out.out == "" and "block 1 holds NaN or inf" in out.err and out.err.count("\n") == 1
+    assert out.out == "" and "block 1 contains NaN or inf" in out.err and out.err.count("\n") == 1
 
 
 def test_info_on_a_folder_without_an_adapter(tmp_path, capsys):

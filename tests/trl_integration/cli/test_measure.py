@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import os
 
 import pytest
 import torch
@@ -14,7 +16,10 @@ from peft_steer.data import PairFormatter, load_behavior, neutral_questions, pla
 from peft_steer.evaluate import answer_preference, completion_log_probs, next_token_drift
 from peft_steer.models import load_model, load_tokenizer
 from peft_steer.organism import ANTI_TAG, ORGANISM_DIR, TAG, load_organism, stance_rows
-from trl_integration.cli import main
+from tests.conftest import make_config, make_model
+from tests.peft_steer.interop.test_adapter_files import BAD_ADAPTERS, save_adapter
+from tests.trl_integration.cli.test_files import fails
+from trl_integration.cli import main, measure
 
 
 @pytest.fixture
@@ -29,6 +34,7 @@ def adapter_dir(model_dir, tmp_path) -> str:
 
 def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapter_dir, tmp_path, capsys):
     out = tmp_path / "scores.json"
+    (tmp_path / "scores.json.partial").write_text("mine")  # a user's file, never taken for a temporary (issue 24)
     argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--behavior", "power-seeking"]
     argv += ["--metric", "preference", "--multipliers", "-1,0,1", "--limit", "6", "--json", str(out)]
     argv += ["--cost-prompts", "4", "--cost-max-new-tokens", "6"]
@@ -79,6 +85,7 @@ def test_eval_preference_agrees_with_an_independent_computation(model_dir, adapt
     assert "prompting at multiplier 0" in table and "system prompt against" in table
     assert main(argv) == 2  # the JSON file is never overwritten
     assert json.loads(out.read_text()) == report
+    assert (tmp_path / "scores.json.partial").read_text() == "mine"
     # the costs, keyed as the scores are, on the first 4 neutral questions in the same prompt format
     header = next(line for line in table.splitlines() if line.lstrip().startswith("multiplier"))
     assert all(name in header for name in ("drift", "perplexity", "repetition"))
@@ -224,3 +231,168 @@ def test_generate_refuses_a_file_that_holds_no_records_and_adds_a_missing_newlin
     assert main([*argv, "--multipliers", "0,1", "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["multiplier"] for r in records] == [0.0, 1.0]
+
+
+# ---- bad input: one line naming the thing to fix, exit code 2, before any model is loaded ------------------------
+
+
+@pytest.fixture(scope="module")
+def config_only_model(tmp_path_factory) -> str:
+    """The tiny Llama's config alone: enough for every check; loading its weights or tokenizer would fail."""
+    folder = tmp_path_factory.mktemp("config-only")
+    make_config("llama").save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """The checks must end the command before the tokenizer or the model is loaded."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("loaded a model before the inputs were checked")
+
+    monkeypatch.setattr(measure, "load_model", refused)
+    monkeypatch.setattr(measure, "load_tokenizer", refused)
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("case", list(BAD_ADAPTERS))
+def test_eval_and_generate_refuse_what_info_refuses_before_loading(
+    config_only_model, no_model_loads, tmp_path, capsys, case, command
+):
+    """One reader for every command (issue 24): the same line as `info`, not a SafetensorError / TypeError /
+    RecursionError / UnpicklingError traceback or a hub error, and nothing written."""
+    damage, culprit, message = BAD_ADAPTERS[case]
+    adapter = save_adapter(tmp_path / "adapter")
+    damage(adapter)
+    argv = [command, "--model", config_only_model, "--adapter", adapter, "--behavior", "power-seeking"]
+    argv += ["--out", tmp_path / "out.jsonl"] if command == "generate" else ["--json", tmp_path / "out.json"]
+    fails(argv, capsys, adapter / culprit, message)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_eval_refuses_an_adapter_for_another_model_before_loading(config_only_model, no_model_loads, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    get_peft_model(make_model(hidden=64), SteeringConfig(layers=[1])).save_pretrained(adapter)
+    argv = ["eval", "--model", config_only_model, "--adapter", adapter, "--behavior", "power-seeking"]
+    fails(argv, capsys, adapter / "adapter_config.json", "hidden size 64")
+
+
+def _dangling(tmp_path):
+    (tmp_path / "link.json").symlink_to(tmp_path / "nowhere.json")
+    return tmp_path / "link.json"
+
+
+def _read_only_folder(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes in a read-only folder")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    return tmp_path / "ro" / "s.json"
+
+
+# name: (the --json / --out path the case makes, what the line must say)
+BAD_DESTINATIONS = {
+    "missing folder": (lambda tmp: tmp / "no-such-folder" / "s.json", "does not exist; create it first"),
+    "a file for a folder": (lambda tmp: tmp / "adapter" / "adapter_config.json" / "s.json", "does not exist"),
+    "dangling symlink": (_dangling, "symbolic link"),
+    "read-only folder": (_read_only_folder, "cannot write"),
+    "a folder": (lambda tmp: tmp / "adapter", "is a folder"),
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+@pytest.mark.parametrize("case", list(BAD_DESTINATIONS))
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    config_only_model, no_model_loads, tmp_path, capsys, case, command
+):
+    """Not after the whole evaluation, naming an internal temporary file (issue 24)."""
+    adapter = save_adapter(tmp_path / "adapter")
+    make_path, message = BAD_DESTINATIONS[case]
+    path = make_path(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    option = "--json" if command == "eval" else "--out"
+    argv = [command, "--model", config_only_model, "--adapter", adapter, "--behavior", "power-seeking", option, path]
+    err = fails(argv, capsys, f"{option} {path}", message)
+    assert "peft-steer-" not in err and ".partial" not in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_generate_resumes_only_a_file_made_with_the_same_settings(model_dir, adapter_dir, tmp_path, capsys):
+    """Not the old answers under new settings (issue 24, item 3): refused before the model loads, naming the
+    setting; repeated inputs asked once, and said (item 5)."""
+    out = tmp_path / "answers.jsonl"
+    argv = ["generate", "--model", model_dir, "--prompt", "Hi?", "Hi?", "--max-new-tokens", "3", "--out", str(out)]
+    assert main([*argv, "--adapter", adapter_dir, "--multipliers", "1,1.0,-0,0"]) == 0
+    assert "--multipliers: 2 repeated values dropped" in capsys.readouterr().err
+    text = out.read_text()
+    assert [json.loads(line)["multiplier"] for line in text.splitlines()] == [1.0, 0.0]
+    other = tmp_path / "other"
+    get_peft_model(load_model(model_dir), SteeringConfig(layers=[1], init="random")).save_pretrained(other)
+    changed = {
+        "adapter": [*argv, "--adapter", str(other)],
+        "max_new_tokens": [*argv[:-4], "--max-new-tokens", "4", "--out", str(out), "--adapter", adapter_dir],
+        "format": [*argv, "--adapter", adapter_dir, "--no-chat-template"],
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(measure, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+        for setting, args in changed.items():
+            fails(args, capsys, f"{out}, line 1: made with {setting} ", "write to another file")
+    assert out.read_text() == text
+    assert main([*argv, "--adapter", adapter_dir, "--multipliers", "0,2"]) == 0  # the same settings: resumed
+    assert [json.loads(line)["multiplier"] for line in out.read_text().splitlines()] == [1.0, 0.0, 2.0]
+    assert "--prompt: 1 repeated prompt dropped" in capsys.readouterr().err
+
+
+def test_generate_refuses_bad_records_and_a_second_writer_before_loading(
+    config_only_model, no_model_loads, tmp_path, capsys
+):
+    adapter = save_adapter(tmp_path / "adapter")
+    out = tmp_path / "answers.jsonl"
+    argv = ["generate", "--model", config_only_model, "--adapter", adapter, "--prompt", "Hi?", "--out", out]
+    for line, message in [
+        ({"id": "a", "question": "Hi?", "multiplier": None, "prompt": "Q", "generation": ""}, "'multiplier' is None"),
+        ({"id": "a", "question": ["Hi?"], "multiplier": 1, "prompt": "Q", "generation": ""}, "'question' is ['Hi?']"),
+        ({"id": "a", "question": "Hi?", "multiplier": 1, "prompt": "Q"}, "'generation' is None"),
+    ]:
+        out.write_text(json.dumps(line) + "\n")
+        fails(argv, capsys, f"{out}, line 1: {message}")
+    out.write_text("")
+    with open(out, "a") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fails(argv, capsys, out, "being written by another run")
+
+
+def test_eval_ab_refuses_cells_that_are_not_text_as_the_preference_metric_does(
+    model_dir, adapter_dir, tmp_path, capsys, monkeypatch
+):
+    """One cell check for every metric (issue 24, item 6): not '(B) None' or a list scored as its text."""
+    monkeypatch.setattr(measure, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    short = tmp_path / "short.csv"
+    short.write_text("question,matching,A,B\nTake power?,A,Yes,No\nGive it away?,B,Yes\n")
+    cases = {short: ("line 3", "column 'B'", "missing")}
+    for name, cell, kind in [("null", None, "missing"), ("list", ["Yes"], "a list"), ("dict", {"t": 1}, "a dict")]:
+        path = tmp_path / f"{name}.jsonl"
+        rows = [{"question": "Take power?", "A": "Yes", "B": "No", "matching": "A"}]
+        rows.append({"question": "Give it away?", "A": cell, "B": "No", "matching": "B"})
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        cases[path] = ("line 2", "column 'A'", kind)
+    for path, expected in cases.items():
+        argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--data", path, "--metric", "ab"]
+        fails(argv, capsys, path, *expected)
+
+
+def test_eval_preference_names_the_formats_it_takes(model_dir, adapter_dir, tmp_path, capsys, monkeypatch):
+    """Not "Column 'prompt' doesn't exist" or a tokenizer error (issue 24)."""
+    monkeypatch.setattr(measure, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    user, yes, no = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yes"}, {"role": "assistant"}
+    no = {**no, "content": "No"}
+    cases = {
+        "implicit": ({"chosen": "Hi? Yes", "rejected": "Hi? No"}, "implicit-prompt format"),
+        "conversational": ({"prompt": [user], "chosen": [yes], "rejected": [no]}, "conversational"),
+        "implicit conversational": ({"chosen": [user, yes], "rejected": [user, no]}, "implicit-prompt format"),
+    }
+    for name, (row, kind) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        argv = ["eval", "--model", model_dir, "--adapter", adapter_dir, "--data", path, "--metric", "preference"]
+        fails(argv, capsys, f"--metric preference on {path}", kind, "prompt / chosen / rejected as text")

@@ -13,7 +13,8 @@ import peft_steer
 from tests.conftest import make_model
 from tests.trl_integration.conftest import QUESTIONS, bipo_rows, fail_weight_writes
 from trl_integration import SteerTrainer
-from trl_integration.cli import main
+from trl_integration.cli import CommandError, main
+from trl_integration.cli.train_checks import checked_output
 from trl_integration.config import paper_preset
 
 FAST = ["--max-steps", "2", "--batch-size", "2", "--warmup-steps", "0", "--learning-rate", "0.05"]
@@ -235,3 +236,41 @@ def test_a_run_whose_vector_diverges_stops_and_saves_nothing(tmp_path, model_dir
     assert "step 2" in line and "not finite" in line
     assert sorted(name for name in os.listdir(output) if name.startswith("checkpoint-")) == ["checkpoint-1"]
     assert not os.path.exists(output / "adapter_model.safetensors")
+
+
+def test_resume_skips_a_checkpoint_whose_state_does_not_parse_and_says_so(tmp_path, model_dir, capsys):
+    """A full disk leaves a 0-byte trainer_state.json: the checkpoint is incomplete, not a JSON error (issue 24)."""
+    output = tmp_path / "run"
+    for step, state in ((2, "{}"), (4, "")):
+        (output / f"checkpoint-{step}").mkdir(parents=True)
+        (output / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert checked_output(str(output), True) == str(output / "checkpoint-2")
+    said = capsys.readouterr().out
+    assert f"Resuming from {output / 'checkpoint-2'}; " in said
+    assert "checkpoint-4 is incomplete (its trainer_state.json does not parse" in said
+    with pytest.raises(CommandError, match="checkpoint-4 is incomplete .*trainer_state.json does not parse"):
+        checked_output(str(output), str(output / "checkpoint-4"))
+    # a folder that is no checkpoint at all: said so, not "cut off while being written"
+    assert main([*_base(model_dir, tmp_path, output), "--resume", "/etc"]) == 2
+    assert "--resume /etc: no checkpoint there" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_a_full_disk_while_a_checkpoint_is_written_is_one_line(tmp_path, model_dir, monkeypatch, capsys, writer):
+    """Not a RuntimeError / SafetensorError traceback (issue 24); --resume then skips the cut-off checkpoint."""
+    import peft.peft_model
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        if writer == "torch.save":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
+
+    if writer == "torch.save":
+        monkeypatch.setattr(torch, "save", full_disk)
+    else:
+        monkeypatch.setattr(peft.peft_model, "safe_save_file", full_disk)
+    output = tmp_path / "run"
+    assert main([*_base(model_dir, tmp_path, output), "--max-steps", "1", "--save-steps", "1"]) == 2
+    line = _one_error_line(capsys, alone=False)
+    assert f"writing a checkpoint to {output} failed" in line and "disk full" in line and "--resume" in line
