@@ -32,7 +32,7 @@ from torch import nn
 
 from ..adapter.blocks import find_block_list
 from ..adapter.model import check_vector
-from ..staging import written_whole
+from ..staging import publish_new, written_whole
 from .adapter_files import CONFIG_NAME, WEIGHTS_NAME, base_structure, read_adapter, write_adapter
 
 GGUF_ARCH = "controlvector"
@@ -77,7 +77,7 @@ def export_gguf(
         block: _direction(weights_path, block, vector, config.multiplier) for block, vector in vectors.items()
     }
     hint = model_hint or _model_type(config.base_model_name_or_path)
-    _write_gguf(out_path, directions, hint)
+    _write_gguf(out_path, directions, hint, overwrite)
 
 
 def _check_output(adapter: str, out_path: str, overwrite: bool) -> None:
@@ -111,10 +111,10 @@ def _gguf() -> Any:
     return gguf
 
 
-def _write_gguf(out_path: str, directions: dict[int, np.ndarray], hint: str) -> None:
+def _write_gguf(out_path: str, directions: dict[int, np.ndarray], hint: str, overwrite: bool = False) -> None:
     gguf = _gguf()
-
-    with written_whole(out_path) as staging:
+    # without overwrite the file is created exclusively: one that appeared since `_check_output` is kept
+    with written_whole(out_path, publish=None if overwrite else publish_new) as staging:
         writer = gguf.GGUFWriter(staging, arch=GGUF_ARCH)
         writer.add_string(f"{GGUF_ARCH}.model_hint", hint)
         writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(directions))

@@ -49,6 +49,25 @@ def test_export_refuses_an_existing_file_unless_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "power.gguf"]
 
 
+def test_export_keeps_a_file_that_appears_after_the_check(tmp_path, monkeypatch):
+    """The existence check and the write are apart in time: a file made in between is not replaced (issue 24)."""
+    from peft_steer.interop import gguf
+
+    adapter = save_adapter(tmp_path / "adapter")
+    out = tmp_path / "power.gguf"
+    read = gguf.read_adapter
+
+    def read_then_another_writer(folder):  # runs after the check, before the write
+        out.write_text("theirs")
+        return read(folder)
+
+    monkeypatch.setattr(gguf, "read_adapter", read_then_another_writer)
+    with pytest.raises(FileExistsError):
+        export_gguf(adapter, out)
+    assert out.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "power.gguf"]  # no staging file left
+
+
 def test_export_never_writes_over_the_adapter_itself(tmp_path):
     adapter = save_adapter(tmp_path / "adapter")
     weights = (adapter / WEIGHTS_NAME).read_bytes()
