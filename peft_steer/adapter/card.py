@@ -4,6 +4,8 @@ Every card written for a steering adapter (``save_pretrained``, ``push_to_hub``,
 ``import-official`` / ``import-gguf``) goes through `write_model_card`: it keeps what the card already says (PEFT's,
 TRL's, transformers' or the repository's own) and makes it one front matter block with ``library_name: peft``, the
 base model and the steering tags, and one steering section stating the blocks with a quick start that loads it.
+`write_recommended_strength` adds (or replaces) a second section of its own, the strength a sweep recommends, and
+leaves the rest of the card as it is; `write_model_card` keeps that section.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.utils import validate_repo_id
 
+from ..staging import written_whole
+
 if TYPE_CHECKING:
     from .config import SteeringConfig
 
 BEGIN = "<!-- peft-steer:begin -->"
 END = "<!-- peft-steer:end -->"
+STRENGTH_BEGIN = "<!-- peft-steer-strength:begin -->"
+STRENGTH_END = "<!-- peft-steer-strength:end -->"
 TAGS = ("steering-vector", "bipo", "peft-steer")
 # What the quick start names when the card cannot know it (a folder saved locally, uploaded later).
 ADAPTER_PLACEHOLDER = "path/or/repo-of-this-adapter"
@@ -30,7 +36,9 @@ BASE_PLACEHOLDER = "path/or/repo-of-the-base-model"
 
 # A quick start that loads the model with something else (TRL's card: transformers' `pipeline`, which cannot load a
 # steering adapter): replaced by the steering section.
-_OTHER_QUICK_START = re.compile(r"^## Quick start[ \t]*\n.*?(?=^## |\Z)", flags=re.MULTILINE | re.DOTALL)
+_OTHER_QUICK_START = re.compile(
+    r"^## Quick start[ \t]*\n.*?(?=^## |^<!-- peft-steer|\Z)", flags=re.MULTILINE | re.DOTALL
+)
 _TITLE = re.compile(r"^# .*\n?", flags=re.MULTILINE)
 
 
@@ -96,15 +104,48 @@ def write_model_card(directory: str | os.PathLike, config: SteeringConfig, repo_
     of another quick start, or after the title. ``repo_id``: the repository the folder goes to, for the quick start.
     """
     path = os.path.join(directory, "README.md")
-    text = ""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
+    text = _card_text(_read(path), config, repo_id)
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+
+
+def write_recommended_strength(directory: str | os.PathLike, markdown: str, config: SteeringConfig) -> str:
+    """Put ``markdown`` (a ``## Recommended strength`` part) into ``directory/README.md`` and return the card's path.
+
+    It replaces the card's earlier recommended strength, or goes after the steering section (at the end of a card
+    without one); every other line of the card stays as it was. A folder without a card gets the whole card of
+    `write_model_card` first. The card is written whole or not at all (`peft_steer.staging.written_whole`): a
+    failure leaves the old one.
+    """
+    path = os.path.join(directory, "README.md")
+    text = _read(path) or _card_text("", config, None)
+    part = f"{STRENGTH_BEGIN}\n{markdown.strip()}\n{STRENGTH_END}\n"
+    if STRENGTH_BEGIN in text and STRENGTH_END in text:
+        head, _, rest = text.partition(STRENGTH_BEGIN)
+        tail = rest.partition(STRENGTH_END)[2]
+    elif END in text:
+        head, _, tail = text.partition(END)
+        head += END
+    else:
+        head, tail = text, ""
+    text = head.rstrip("\n") + "\n\n" + part + ("\n" + tail.lstrip("\n") if tail.strip() else "")
+    with written_whole(path) as staging, open(staging, "w", encoding="utf-8") as file:
+        file.write(text)
+    return path
+
+
+def _read(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as file:
+        return file.read()
+
+
+def _card_text(text: str, config: SteeringConfig, repo_id: str | None) -> str:
     card = _parse(text)
     _set_metadata(card, config)
     card.text = _with_section(card.text, model_card_section(config, repo_id))
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(str(card))
+    return str(card)
 
 
 def _parse(text: str) -> ModelCard:

@@ -4,8 +4,8 @@
 read); ``log_probs`` is the one scorer the others build on; ``multiple_choice`` finds the answer letter's token of an
 A/B prompt and scores it; ``caa`` extracts the mean-difference vector that BiPO is compared against (``caa_ab_vector``:
 the paper's protocol at the answer letter); ``costs`` measures what a strength costs (drift, perplexity, repetition);
-``saturation`` reads the margins where the behavior score saturates;
-``plot`` draws the score per multiplier. Nothing here imports TRL.
+``saturation`` reads the margins where the behavior score saturates; ``recommend`` picks the strength whose cost stays
+within a budget; ``plot`` draws the score per multiplier, and a sweep's score and drift. Nothing here imports TRL.
 """
 
 from .caa import balance_letters, block_activations, caa_ab_vector, caa_vector, span_activations
@@ -23,16 +23,20 @@ from .multiple_choice import (
     matching_letters,
     plain_ab_prompt,
 )
-from .plot import plot_steering_curve, score_table
+from .plot import plot_steering_curve, plot_sweep, score_table, steering_curve_figure, sweep_figure
 from .preference import Preference, answer_preference
+from .recommend import DEFAULT_BUDGET, CostBudget, Recommendation, recommend_strength
 from .saturation import SATURATION_TOLERANCE, saturation_warning, share_moved_up
 from .scoring import eval_mode, model_device
 
 __all__ = [
     "CHOICES_FORMAT",
+    "DEFAULT_BUDGET",
     "Cost",
+    "CostBudget",
     "LetterTokens",
     "Preference",
+    "Recommendation",
     "SATURATION_TOLERANCE",
     "ab_margins",
     "ab_score",
@@ -54,6 +58,8 @@ __all__ = [
     "perplexity",
     "plain_ab_prompt",
     "plot_steering_curve",
+    "plot_sweep",
+    "recommend_strength",
     "repetition",
     "saturation_warning",
     "score_table",
@@ -61,4 +67,6 @@ __all__ = [
     "side_by_side",
     "span_activations",
     "steering_costs",
+    "steering_curve_figure",
+    "sweep_figure",
 ]

@@ -1,7 +1,7 @@
 """The `peft-steer` command line. It sits on top of both packages, so it lives here (peft_steer never imports TRL).
 
 One module per group of commands: `files` (saved adapters and vector files), `demo`, `train`, `measure` (eval,
-generate).
+generate), `sweep`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .demo import add_demo_command
 from .errors import CommandError
 from .files import add_file_commands
 from .measure import add_measure_commands
+from .sweep import add_sweep_command
 from .train import add_train_command
 
 __all__ = ["CommandError", "build_parser", "main"]
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_command(commands)
     add_train_command(commands)
     add_measure_commands(commands)
+    add_sweep_command(commands)
     return parser
 
 

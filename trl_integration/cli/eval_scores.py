@@ -3,6 +3,7 @@ that do not saturate (margin per answer token, share of pairs moved up against m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,11 @@ class BehaviorScores:
     def warning(self) -> str | None:
         """One line when the unsteered score is too close to 0 or 1 to move."""
         return saturation_warning(self.unsteered, SCORE_NAMES[self.metric])
+
+
+def keyed(values: dict[float, float]) -> dict[str, float | None]:
+    """``{m: value}`` keyed as the JSON report's ``"scores"`` is, NaN as null (JSON has no NaN)."""
+    return {str(float(m)): None if math.isnan(value) else value for m, value in values.items()}
 
 
 def score_of(margins: torch.Tensor) -> float:

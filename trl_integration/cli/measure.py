@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from peft_steer.data import (
 )
 from peft_steer.data.files import read_source, text_cell
 from peft_steer.evaluate import (
+    Cost,
     chat_ab_prompt,
     generate_sweep,
     matching_letters,
@@ -38,9 +39,9 @@ from peft_steer.models import MODEL_HELP, load_model, load_tokenizer, portable_n
 from peft_steer.staging import check_destination, publish_new, written_whole
 
 from .errors import CommandError
-from .eval_costs import add_cost_options, cost_questions_of, measured_costs
+from .eval_costs import add_cost_options, cost_columns, cost_questions, cost_report, measured_costs
 from .eval_prompting import add_prompting_options, prompting_scores, prompting_table, prompting_texts
-from .eval_scores import LEGEND, SCORE_NAMES, behavior_scores
+from .eval_scores import LEGEND, SCORE_NAMES, BehaviorScores, behavior_scores, keyed
 
 METRICS = ("ab", "preference")
 
@@ -53,21 +54,7 @@ def add_measure_commands(commands: Any) -> None:
         description="Prints one score per multiplier, with readings of the same margins that do not saturate and "
         "the costs of each strength; --json writes {metric, scores: {multiplier: score}, ...}.",
     )
-    _add_model_options(evaluate)
-    _add_source_options(evaluate, "A/B questions (question, A, B, matching) for --metric ab; pairs otherwise")
-    evaluate.add_argument(
-        "--metric",
-        choices=METRICS,
-        default="ab",
-        help="ab: p(matching letter) / (p(A) + p(B)) on A/B questions (the paper's and CAA's score; a behavior's "
-        "test_infer split); preference: sigmoid(log p(matching) - log p(not matching)) of whole answers (its test "
-        "split).",
-    )
-    evaluate.add_argument("--multipliers", default="-1,0,1", help="Comma-separated strengths (default -1,0,1).")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass (default 8).")
-    evaluate.add_argument("--json", default=None, help="Also write the scores to this JSON file (must not exist).")
-    add_prompting_options(evaluate)
-    add_cost_options(evaluate)
+    add_eval_options(evaluate, "-1,0,1")
     evaluate.set_defaults(run=run_eval)
 
     generate = commands.add_parser(
@@ -83,6 +70,28 @@ def add_measure_commands(commands: Any) -> None:
     generate.add_argument("--batch-size", type=int, default=8, help="Prompts per generate call (default 8).")
     generate.add_argument("--out", required=True, help="The JSONL file to write; an existing one is resumed.")
     generate.set_defaults(run=run_generate)
+
+
+def add_eval_options(parser: argparse.ArgumentParser, multipliers: str, costs_optional: bool = True) -> None:
+    """The options of ``eval`` (and of ``sweep``, which measures the same at more strengths): the model, the data,
+    the metric, the strengths (default ``multipliers``), the JSON file, the prompting baseline and the costs."""
+    _add_model_options(parser)
+    _add_source_options(parser, "A/B questions (question, A, B, matching) for --metric ab; pairs otherwise")
+    parser.add_argument(
+        "--metric",
+        choices=METRICS,
+        default="ab",
+        help="ab: p(matching letter) / (p(A) + p(B)) on A/B questions (the paper's and CAA's score; a behavior's "
+        "test_infer split); preference: sigmoid(log p(matching) - log p(not matching)) of whole answers (its test "
+        "split).",
+    )
+    parser.add_argument(
+        "--multipliers", default=multipliers, help=f"Comma-separated strengths (default {multipliers})."
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="Rows per forward pass (default 8).")
+    parser.add_argument("--json", default=None, help="Also write the scores to this JSON file (must not exist).")
+    add_prompting_options(parser)
+    add_cost_options(parser, costs_optional)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -198,16 +207,44 @@ def _text_pairs(pairs: Any, source: str) -> list[tuple[str, str, str]]:
     return list(zip(*(pairs[column] for column in columns)))
 
 
-def run_eval(args: argparse.Namespace) -> None:
-    """Score the adapter at each multiplier and print (and with --json, write) the scores."""
+def check_new_file(option: str, path: str | None) -> None:
+    """Refuse, before any work, an output file that exists (nothing is overwritten) or that cannot be made there
+    (`check_destination`: a missing folder, a dangling link); a failure after the run would lose it."""
+    if path:
+        _check_destination(option, path, new=True)
+
+
+@dataclass
+class EvalInputs:
+    """What ``eval`` and ``sweep`` measure on, checked before the model is loaded.
+
+    Attributes:
+        multipliers: The strengths asked for.
+        cost_questions: The neutral questions of the costs (none with --no-costs).
+        prompts: The prompting baseline's pair of system prompts (None: no baseline).
+        tokenizer: The model's tokenizer.
+        rows: The rows scored; ``format_ab`` the A/B prompt of a row (None for answer preference).
+        prompted: ``{system prompt: (rows, format_ab)}`` of the prompting baseline.
+    """
+
+    multipliers: list[float]
+    cost_questions: list[str]
+    prompts: dict[str, str] | None
+    tokenizer: Any
+    rows: list
+    format_ab: Any
+    prompted: dict[str, tuple[list, Any]]
+
+
+def prepared_eval(args: argparse.Namespace) -> EvalInputs:
+    """Check eval's options, the adapter folder and the data, and read the tokenizer and the rows: everything but
+    the slow model load, so that bad input stops the command before any model work."""
     multipliers = parse_multipliers(args.multipliers)
-    if args.json:
-        _check_destination("--json", args.json, new=True)
     if args.batch_size < 1:
         raise CommandError(f"--batch-size {args.batch_size}: must be at least 1.")
     if args.data and not os.path.exists(args.data):
         raise CommandError(f"--data {args.data}: no such file or folder.")
-    cost_questions = cost_questions_of(args)
+    questions = cost_questions(args)
     _check_adapter(args)
     multipliers = _once(multipliers, distinct_strengths(multipliers), "--multipliers", "value")
     try:
@@ -217,52 +254,71 @@ def run_eval(args: argparse.Namespace) -> None:
         prompted = {text: _eval_rows(args, tokenizer, text) for text in (prompts or {}).values()}  # checked now
     except DataError as error:
         raise CommandError(str(error)) from None
-    model = _load_steered(args)
-    measured = behavior_scores(model, tokenizer, args.metric, rows, multipliers, format_ab, args.batch_size)
-    warnings = [line for line in [measured.warning()] if line]
+    return EvalInputs(multipliers, questions, prompts, tokenizer, rows, format_ab, prompted)
+
+
+@dataclass
+class EvalMeasures:
+    """What ``eval`` measured on the adapter: the behavior scores, the prompting baseline (None: none), the costs
+    (``{m: Cost}``, empty with --no-costs) and the warnings about the scores."""
+
+    scores: BehaviorScores
+    baseline: dict[str, dict[str, float]] | None
+    costs: dict[float, Cost]
+    warnings: list[str]
+
+
+def measured_eval(args: argparse.Namespace, inputs: EvalInputs, model: Any) -> EvalMeasures:
+    """The scores at each multiplier, the prompting baseline and the costs, of the model's active adapter."""
+    tokenizer = inputs.tokenizer
+    measured = behavior_scores(
+        model, tokenizer, args.metric, inputs.rows, inputs.multipliers, inputs.format_ab, args.batch_size
+    )
     baseline = (
-        prompting_scores(model, tokenizer, args.metric, prompts, prompted.get, measured, args.batch_size)
-        if prompts
+        prompting_scores(model, tokenizer, args.metric, inputs.prompts, inputs.prompted.get, measured, args.batch_size)
+        if inputs.prompts
         else None
     )
-    costs = measured_costs(args, model, tokenizer, cost_questions, multipliers, _format_options(args))
-    columns = measured.columns()
-    print(score_table(columns | costs, signed={"mean margin", "margin/token"}))
+    format_prompt = PairFormatter(tokenizer, **_format_options(args)).prompt
+    costs = measured_costs(args, model, tokenizer, inputs.cost_questions, inputs.multipliers, format_prompt)
+    return EvalMeasures(measured, baseline, costs, [line for line in [measured.warning()] if line])
+
+
+def eval_report(args: argparse.Namespace, inputs: EvalInputs, found: EvalMeasures) -> dict[str, Any]:
+    """What ``eval --json`` writes (and ``sweep --json`` starts from)."""
+    columns, baseline = found.scores.columns(), found.baseline
+    return {
+        "metric": args.metric,
+        "scores": keyed(columns[SCORE_NAMES[args.metric]]),
+        "mean_margins": keyed(columns["mean margin"]),
+        "token_margins": keyed(columns["margin/token"]) if "margin/token" in columns else None,
+        "shares_up": keyed(columns["share up"]),
+        "unsteered_score": found.scores.unsteered,
+        "prompting": None if baseline is None else {side: baseline[side]["score"] for side in baseline},
+        "prompting_shares_up": None if baseline is None else {side: baseline[side]["share_up"] for side in baseline},
+        "prompting_system_prompts": inputs.prompts,
+        "warnings": found.warnings,
+        "n": len(inputs.rows),
+        "model": args.model,
+        "adapter": os.path.abspath(args.adapter),
+        "source": args.behavior or args.data,
+    } | cost_report(found.costs, len(inputs.cost_questions), args.cost_max_new_tokens)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """Score the adapter at each multiplier and print (and with --json, write) the scores."""
+    check_new_file("--json", args.json)
+    inputs = prepared_eval(args)
+    model = _load_steered(args)
+    found = measured_eval(args, inputs, model)
+    print(score_table(found.scores.columns() | cost_columns(found.costs), signed={"mean margin", "margin/token"}))
     print(LEGEND)
-    if baseline:
-        print(prompting_table(args.metric, baseline))
-    for warning in warnings:
+    if found.baseline:
+        print(prompting_table(args.metric, found.baseline))
+    for warning in found.warnings:
         print(warning, file=sys.stderr)
     if args.json:
-        report = {
-            "metric": args.metric,
-            "scores": _keyed(columns[SCORE_NAMES[args.metric]]),
-            "mean_margins": _keyed(columns["mean margin"]),
-            "token_margins": _keyed(columns["margin/token"]) if "margin/token" in columns else None,
-            "shares_up": _keyed(columns["share up"]),
-            "unsteered_score": measured.unsteered,
-            "prompting": None if baseline is None else {side: baseline[side]["score"] for side in baseline},
-            "prompting_shares_up": None
-            if baseline is None
-            else {side: baseline[side]["share_up"] for side in baseline},
-            "prompting_system_prompts": prompts,
-            "warnings": warnings,
-            "n": len(rows),
-            "model": args.model,
-            "adapter": os.path.abspath(args.adapter),
-            "source": args.behavior or args.data,
-        }
-        if costs:
-            report |= {name: _keyed(values) for name, values in costs.items()}
-            report["costs"] = {
-                "prompts": len(cost_questions),
-                "max_new_tokens": args.cost_max_new_tokens,
-                "on": "the shipped neutral questions (peft_steer.data.neutral_questions)",
-                "drift": "mean KL(steered || multiplier 0) of the next-token distribution after each prompt, nats",
-                "perplexity": "of the steered greedy answers under the model at multiplier 0 (null: no token)",
-                "repetition": "mean share of repeated token 4-grams of the steered greedy answers",
-            }
-        write_new_file(args.json, json.dumps(report, indent=2) + "\n")
+        write_new_file(args.json, json.dumps(eval_report(args, inputs, found), indent=2) + "\n")
         print(f"wrote {args.json}")
 
 
@@ -286,11 +342,6 @@ def _eval_rows(args: argparse.Namespace, tokenizer: Any, instruction: str | None
     )
     rows = [(prefix + prompt, *answers) for prompt, *answers in _text_pairs(pairs, args.data or args.behavior)]
     return _limited(rows, args.limit, "pairs", quiet), None
-
-
-def _keyed(values: dict[float, float]) -> dict[str, float | None]:
-    """``{m: value}`` keyed as ``"scores"`` is, NaN as null (JSON has no NaN)."""
-    return {str(float(m)): None if math.isnan(value) else value for m, value in values.items()}
 
 
 def write_new_file(path: str, text: str) -> None:

@@ -7,6 +7,7 @@ Nothing reaches a hub: repositories are read from a local cache in offline mode,
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import shutil
@@ -21,7 +22,14 @@ from transformers import AutoModelForCausalLM
 
 import peft_steer
 from peft_steer import SteeringConfig
-from peft_steer.adapter.card import ADAPTER_PLACEHOLDER, BEGIN, END, write_model_card
+from peft_steer.adapter.card import (
+    ADAPTER_PLACEHOLDER,
+    BEGIN,
+    END,
+    STRENGTH_BEGIN,
+    write_model_card,
+    write_recommended_strength,
+)
 from peft_steer.interop import export_gguf, import_gguf, import_official
 from tests.conftest import make_model, make_tokenizer
 
@@ -213,3 +221,40 @@ def test_imported_folders_get_the_same_card(hub, tmp_path):
         assert "2 of 4" in card.text
         namespace = run_quick_start(card.text, str(tmp_path / folder))
         assert_same_vectors(namespace["model"], {2: torch.load(official, weights_only=True)})
+
+
+def test_the_recommended_strength_part_keeps_the_users_card(tmp_path, monkeypatch):
+    """Put after the steering section, replaced (never repeated) by a second sweep, kept by a later save; the user's
+    own text stays; a failed write leaves the card as it was."""
+    config = SteeringConfig(layers=[1], hidden_size=32, num_blocks=4, base_model_name_or_path=BASE)
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n\n# My vector\n\nMy own notes.\n", encoding="utf-8")
+    write_model_card(str(tmp_path), config)
+    write_recommended_strength(str(tmp_path), "## Recommended strength\n\n+2 / -3\n", config)
+    write_recommended_strength(str(tmp_path), "## Recommended strength\n\n+1 / -1\n", config)
+    text = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert text.count(STRENGTH_BEGIN) == 1 and "+1 / -1" in text and "+2 / -3" not in text
+    assert text.index(END) < text.index(STRENGTH_BEGIN) and "My own notes." in text and "license: mit" in text
+    write_model_card(str(tmp_path), config)  # save_pretrained rewrites its own section only
+    again = (tmp_path / "README.md").read_text(encoding="utf-8")
+    assert again.count("## Recommended strength") == 1 and "+1 / -1" in again and "My own notes." in again
+
+    def full_disk(path, mode="r", **kwargs):
+        if "w" not in mode:
+            return builtins.open(path, mode, **kwargs)
+        with builtins.open(path, mode, **kwargs) as file:
+            file.write("half a ca")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("peft_steer.adapter.card.open", full_disk, raising=False)
+    with pytest.raises(OSError, match="nothing was written"):
+        write_recommended_strength(str(tmp_path), "## Recommended strength\n\n+4\n", config)
+    monkeypatch.undo()
+    assert (tmp_path / "README.md").read_text(encoding="utf-8") == again
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]  # no staging file left
+
+
+def test_a_folder_without_a_card_gets_the_whole_card_with_the_strength(tmp_path):
+    config = SteeringConfig(layers=[1], hidden_size=32, num_blocks=4, base_model_name_or_path=BASE)
+    write_recommended_strength(str(tmp_path), "## Recommended strength\n\n+2\n", config)
+    card = check_card((tmp_path / "README.md").read_text(encoding="utf-8"))
+    assert card.text.index(END) < card.text.index("## Recommended strength")
