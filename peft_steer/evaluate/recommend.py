@@ -85,8 +85,9 @@ class Recommendation:
         raise_behavior: The largest positive multiplier within budget (None: even the smallest one measured breaks
             it, or none was measured).
         lower_behavior: The negative multiplier of largest ``|m|`` within budget (None likewise).
-        stops: ``{"raise" | "lower": text}``: the first strength over budget on that side and the limits it breaks;
-            absent when every strength measured on that side is within budget.
+        stops: ``{"raise" | "lower": text}``: the first strength over budget on that side and the limits it breaks,
+            or, when every strength measured on that side is within budget, that the limit lies further out (absent
+            when no strength was measured on that side).
         budget: The budget applied.
     """
 
@@ -131,4 +132,6 @@ def recommend_strength(costs: Mapping[float, Cost], budget: CostBudget = DEFAULT
                 stops[side] = f"{m:+g} breaks it: {', '.join(broken)}"
                 break
             found[side] = m
+        if side not in stops and found[side] is not None:  # the limit lies beyond the range measured
+            stops[side] = f"no strength measured breaks it; {found[side]:+g} is the largest measured: sweep further"
     return Recommendation(found["raise"], found["lower"], budget, stops)

@@ -30,6 +30,13 @@ def test_the_largest_strength_within_budget_on_each_side():
     assert "+2 to raise the behavior" in found.summary() and "-2 to lower" in found.summary()
 
 
+def test_a_side_that_never_breaks_the_budget_says_the_limit_lies_further_out():
+    found = recommend_strength(curve({-2: 0.1, -1: 0.05, 0: 0.0, 1: 0.9}), CostBudget(max_drift=0.5))
+    assert found.lower_behavior == -2 and "sweep further" in found.stops["lower"] and "-2" in found.stops["lower"]
+    assert found.raise_behavior is None and found.stops["raise"].startswith("+1 breaks it")
+    assert "sweep further" in found.summary()
+
+
 def test_none_when_even_the_smallest_strength_breaks_the_budget():
     found = recommend_strength(curve({-1: 0.6, 0: 0.0, 1: 0.7, 2: 0.1}), CostBudget(max_drift=0.5))
     assert found.raise_behavior is None and found.lower_behavior is None
