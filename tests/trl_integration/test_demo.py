@@ -11,6 +11,7 @@ from peft import PeftModel
 
 import peft_steer
 from peft_steer.data import load_behavior
+from peft_steer.evaluate import repetition
 from peft_steer.interop import read_adapter
 from peft_steer.models import SMOLLM2, smollm2_gguf
 from tests.conftest import smollm2_copy
@@ -106,8 +107,10 @@ def test_demo_shows_the_answers_and_the_scores_moving(tmp_path, capsys):
         drift = {float(m): value for m, value in report["drift"][method].items()}
         assert drift[0.0] == 0.0 and drift[-2.0] > 0 and drift[2.0] > 0, (method, drift)
     assert set(report["prompting"]) == {"for", "against"} and report["decoding"] == "greedy, repetition penalty 1.3"
-    assert all(0.0 <= value <= 1.0 for value in report["answer_repetition"].values())
     answers = [json.loads(line) for line in open(f"{folder}/answers.jsonl")]
+    for m, value in report["answer_repetition"].items():  # what was printed is what the written answers score
+        written = [repetition(a["generation"]) for a in answers if a["multiplier"] == float(m)]
+        assert value == pytest.approx(sum(written) / len(written)), (m, value, written)
     assert sorted(record["multiplier"] for record in answers) == [-4.0, 0.0, 4.0]
     assert len({record["generation"] for record in answers}) == 3, "the steered answers do not differ"
     shown = capsys.readouterr().out

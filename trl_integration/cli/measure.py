@@ -148,7 +148,7 @@ def _limited(rows: list, limit: int | None, what: str, quiet: bool = False) -> l
     return rows
 
 
-def _format_options(args: argparse.Namespace) -> dict[str, Any]:
+def format_options(args: argparse.Namespace) -> dict[str, Any]:
     """The chat-format keywords of `PairFormatter` / `load_preference_data` that the options ask for."""
     system = None if args.no_system_prompt else args.system_prompt
     return {"system_prompt": system, "chat_template": False if args.no_chat_template else None}
@@ -173,7 +173,7 @@ def _model_identity(model: str) -> str:
     return os.path.abspath(model) if os.path.exists(model) else portable_name(model)
 
 
-def _load_steered(args: argparse.Namespace) -> PeftModel:
+def load_steered(args: argparse.Namespace) -> PeftModel:
     """The base model with the adapter: the slow step, once everything else is checked."""
     return PeftModel.from_pretrained(load_model(args.model), args.adapter).eval()
 
@@ -279,7 +279,7 @@ def measured_eval(args: argparse.Namespace, inputs: EvalInputs, model: Any) -> E
         if inputs.prompts
         else None
     )
-    format_prompt = PairFormatter(tokenizer, **_format_options(args)).prompt
+    format_prompt = PairFormatter(tokenizer, **format_options(args)).prompt
     costs = measured_costs(args, model, tokenizer, inputs.cost_questions, inputs.multipliers, format_prompt)
     return EvalMeasures(measured, baseline, costs, [line for line in [measured.warning()] if line])
 
@@ -309,7 +309,7 @@ def run_eval(args: argparse.Namespace) -> None:
     """Score the adapter at each multiplier and print (and with --json, write) the scores."""
     check_new_file("--json", args.json)
     inputs = prepared_eval(args)
-    model = _load_steered(args)
+    model = load_steered(args)
     found = measured_eval(args, inputs, model)
     print(score_table(found.scores.columns() | cost_columns(found.costs), signed={"mean margin", "margin/token"}))
     print(LEGEND)
@@ -326,7 +326,7 @@ def _eval_rows(args: argparse.Namespace, tokenizer: Any, instruction: str | None
     """The rows eval scores and, for the A/B score, the prompt format of a row (None for answer preference, whose
     rows are formatted (prompt, chosen, rejected) triples). ``instruction`` replaces the system prompt (the prompting
     baseline); without a chat template it goes on its own line before the prompt."""
-    options = _format_options(args)
+    options = format_options(args)
     plain = not PairFormatter(tokenizer, **options).use_template
     if instruction is not None:
         options["system_prompt"] = instruction
@@ -367,7 +367,7 @@ def run_generate(args: argparse.Namespace) -> None:
     config, vectors = _check_adapter(args)
     # what made the records, stored with them: a rerun with other settings is refused, not given the old answers
     settings = {"model": _model_identity(args.model), "adapter": adapter_digest(config, vectors)}
-    settings["format"] = _format_options(args)
+    settings["format"] = format_options(args)
     try:
         check_resumable(args.out, args.max_new_tokens, settings)  # before the model loads
     except ValueError as error:
@@ -375,8 +375,8 @@ def run_generate(args: argparse.Namespace) -> None:
     questions = _once(questions, list(dict.fromkeys(questions)), "--prompt", "prompt")
     multipliers = _once(multipliers, distinct_strengths(multipliers), "--multipliers", "value")
     tokenizer = load_tokenizer(args.model)
-    model = _load_steered(args)
-    formatter = PairFormatter(tokenizer, **_format_options(args))
+    model = load_steered(args)
+    formatter = PairFormatter(tokenizer, **format_options(args))
     try:
         records = generate_sweep(
             model,

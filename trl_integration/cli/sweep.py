@@ -23,11 +23,11 @@ from .eval_costs import cost_columns, measured_costs
 from .eval_prompting import prompting_table
 from .eval_scores import SCORE_NAMES, keyed
 from .measure import (
-    _format_options,
-    _load_steered,
     add_eval_options,
     check_new_file,
     eval_report,
+    format_options,
+    load_steered,
     measured_eval,
     prepared_eval,
     write_new_file,
@@ -129,8 +129,8 @@ def run_sweep(args: argparse.Namespace) -> None:
     inputs.multipliers = sorted(set(inputs.multipliers) | {0.0})  # the budget's reference
     if len(inputs.multipliers) < 2:
         raise CommandError(f"--multipliers {args.multipliers}: a sweep needs strengths other than 0.")
-    plan = caa_plan(args, inputs.tokenizer, _format_options(args))
-    model = _load_steered(args)
+    plan = caa_plan(args, inputs.tokenizer, format_options(args))
+    model = load_steered(args)
     found = measured_eval(args, inputs, model)
     recommended = recommend_strength(found.costs, budget)
     norm = math.sqrt(sum(float(v.norm()) ** 2 for v in peft_steer.get_vectors(model).values()))
@@ -138,7 +138,7 @@ def run_sweep(args: argparse.Namespace) -> None:
     if plan is not None:
         caa = caa_sweep(args, model, inputs, plan, norm, found.scores.unsteered)
         model.set_adapter(caa.adapters[caa.best])
-        format_prompt = PairFormatter(inputs.tokenizer, **_format_options(args)).prompt
+        format_prompt = PairFormatter(inputs.tokenizer, **format_options(args)).prompt
         caa_costs = measured_costs(
             args, model, inputs.tokenizer, inputs.cost_questions, inputs.multipliers, format_prompt
         )

@@ -139,7 +139,7 @@ def test_bad_input_is_one_line_before_any_model_work(organism_sweep, tmp_path, c
     def no_model(args):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(sweep_module, "_load_steered", no_model)
+    monkeypatch.setattr(sweep_module, "load_steered", no_model)
     existing = tmp_path / "existing.png"
     existing.write_bytes(b"mine")
     out = tmp_path / "sweep.json"
